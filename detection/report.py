@@ -27,8 +27,11 @@ def load_ap(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def ap_table(names: list[str], results: list[dict]) -> str:
-    """Markdown table: one row per run, bbox/segm AP, AP50, AP75, with deltas to the first run."""
+def ap_table(names: list[str], results: list[dict], spread: list[dict] | None = None) -> str:
+    """Markdown table: one row per run, bbox/segm AP, AP50, AP75, with deltas to the first run.
+
+    `spread` (one dict per run, same layout) adds "± s" after each value, e.g. a std over seeds.
+    """
     cols = [f"{t} {m}" for t in TASKS for m in METRICS]
     lines = ["| backbone | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     base = results[0]
@@ -40,11 +43,29 @@ def ap_table(names: list[str], results: list[dict]) -> str:
                 if v is None:
                     cells.append("n/a")
                     continue
+                s = spread[i].get(t, {}).get(m) if spread else None
                 b = base.get(t, {}).get(m)
                 delta = f" ({v - b:+.1f})" if i > 0 and b is not None else ""
-                cells.append(f"{v:.1f}{delta}")
+                cells.append(f"{v:.1f}" + (f" ± {s:.1f}" if s is not None else "") + delta)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def mean_std(results: list[dict]) -> tuple[dict, dict]:
+    """Mean and sample standard deviation (0 for one run) of AP / AP50 / AP75 over several runs' ap.json.
+
+    A metric missing or NaN in any run (e.g. no detections) is left out of both.
+    """
+    mean: dict = {}
+    std: dict = {}
+    for t in TASKS:
+        for m in METRICS:
+            vals = [r.get(t, {}).get(m) for r in results]
+            if not vals or any(v is None or v != v for v in vals):
+                continue
+            mean.setdefault(t, {})[m] = float(np.mean(vals))
+            std.setdefault(t, {})[m] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return mean, std
 
 
 def plot_ap(names: list[str], results: list[dict], path: str | Path, spread: list[dict] | None = None) -> Path:
@@ -143,45 +164,87 @@ def plot_predictions(gt_json: str | Path, image_root: str | Path, runs: dict[str
     return save_figure(fig, path, dpi=120)
 
 
-def write_report(out: Path, results: dict[str, dict], pretrain: dict[str, dict], gflops: dict[str, float],
-                 size: dict, total_s: float, gt_json: str | Path, image_root: str | Path) -> str:
+def write_report(out: Path, results: dict[str, list[dict]], run_dirs: dict[str, list[Path]],
+                 pretrain: dict[str, list[dict]], gflops: dict[str, float], size: dict, seeds: list[int],
+                 total_s: float, gt_json: str | Path, image_root: str | Path) -> str:
     """The demo's report: `report.md` plus `ap_bars.png`, `det_loss.png`, `pretrain_loss.png`,
-    `recon_<method>.png` and `predictions.png` in `out`. Returns the markdown."""
+    `recon_<method>.png` and `predictions.png` in `out`. Returns the markdown.
+
+    `results[name]` and `run_dirs[name]` hold one entry per seed (in `seeds` order), `pretrain[method]` one
+    summary per seed. Tables give the mean over seeds (± the standard deviation with several seeds); curves,
+    reconstructions and predictions are the first seed's.
+    """
     out = Path(out)
     names = list(results)
-    runs = {name: out / "detection" / name.replace(" ", "_").lower() for name in names}
-    plot_ap(names, [results[n] for n in names], out / "ap_bars.png")
-    plot_curves({n: read_metrics(d) for n, d in runs.items()}, out / "det_loss.png",
-                "Mask R-CNN training loss (built-in shapes)", "iteration", "total loss")
+    stats = {n: mean_std(results[n]) for n in names}
+    means, spreads = [stats[n][0] for n in names], [stats[n][1] for n in names]
+    several = len(seeds) > 1
+    plot_ap(names, means, out / "ap_bars.png", spreads if several else None)
+    plot_curves({n: read_metrics(run_dirs[n][0]) for n in names}, out / "det_loss.png",
+                f"Mask R-CNN training loss (built-in shapes, seed {seeds[0]})", "iteration", "total loss")
     pre_curves = {}
-    for method, info in pretrain.items():
-        log_path = Path(info["checkpoint"]).parent / "log.txt"
-        recs = [json.loads(line) for line in log_path.read_text().splitlines()]
+    for method, infos in pretrain.items():
+        run = Path(infos[0]["checkpoint"]).parent
+        recs = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
         pre_curves[method] = ([r["epoch"] for r in recs], [r["train_loss"] for r in recs])
-        recon = sorted((Path(info["checkpoint"]).parent / "recon").glob("epoch_*.png"))
+        recon = sorted((run / "recon").glob("epoch_*.png"))
         if recon:
             (out / f"recon_{method}.png").write_bytes(recon[-1].read_bytes())
-    plot_curves(pre_curves, out / "pretrain_loss.png", "pretraining loss (normalised-pixel MSE)", "epoch", "loss")
+    plot_curves(pre_curves, out / "pretrain_loss.png", f"pretraining loss (normalised-pixel MSE, seed {seeds[0]})",
+                "epoch", "loss")
+    plot_predictions(gt_json, image_root, {n: d[0] for n, d in run_dirs.items()}, out / "predictions.png")
 
-    plot_predictions(gt_json, image_root, runs, out / "predictions.png")
-
+    seed_text = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± standard deviation" if several
+                 else f"one seed ({seeds[0]}); `--seeds 0 1 2` shows the run-to-run spread")
     method_of = {"MAE": "mae", "CrossMAE": "crossmae"}
     lines = ["# Demo: MAE vs CrossMAE backbones for Mask R-CNN", "",
              f"Built-in data, ViT `{size['model']}`; pretraining {size['pretrain']['epochs']} epochs at "
              f"{size['pretrain']['input_size']} px on {size['pretrain']['builtin_size']} images; Mask R-CNN "
-             f"{size['det_iters']} iterations; total wall time {total_s / 60:.1f} min.", "",
+             f"{size['det_iters']} iterations; {seed_text}; total wall time {total_s / 60:.1f} min.", "",
              "## Detection AP on the val split (delta against random initialisation)", "",
-             ap_table(names, [results[n] for n in names]), "",
-             "## Pretraining cost", "",
-             "| backbone | pretraining time (s) | final loss | decoder GFLOPs / image |", "|---|---|---|---|"]
+             ap_table(names, means, spreads if several else None), ""]
+    if "MAE" in stats and "CrossMAE" in stats:
+        lines += [_crossmae_vs_mae(results["MAE"], results["CrossMAE"]), ""]
+    if several:
+        lines += ["## Per seed (bbox AP / segm AP)", "",
+                  "| backbone | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+        for n in names:
+            cells = [f"{_get(r, 'bbox')} / {_get(r, 'segm')}" for r in results[n]]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Pretraining cost", "",
+              "| backbone | pretraining time (s) | final loss | decoder GFLOPs / image |", "|---|---|---|---|"]
     for name in names:
         m = method_of.get(name)
         if m is None:
             lines.append(f"| {name} | - | - | - |")
         else:
-            lines.append(f"| {name} | {pretrain[m]['time_s']:.0f} | {pretrain[m]['final_loss']:.4f} | {gflops[m]:.3f} |")
+            t = np.mean([i["time_s"] for i in pretrain[m]])
+            loss = np.mean([i["final_loss"] for i in pretrain[m]])
+            lines.append(f"| {name} | {t:.0f} | {loss:.4f} | {gflops[m]:.3f} |")
     lines += ["", "Figures: `ap_bars.png`, `det_loss.png`, `pretrain_loss.png`, `recon_mae.png`, `recon_crossmae.png`, "
               "`predictions.png`.", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text
+
+
+def _get(result: dict, task: str) -> str:
+    v = result.get(task, {}).get("AP")
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def _crossmae_vs_mae(mae: list[dict], cross: list[dict]) -> str:
+    """One sentence: CrossMAE minus MAE bbox / segm AP, paired by seed, against the seed-to-seed spread."""
+    parts = []
+    for task in TASKS:
+        diffs = [c[task]["AP"] - m[task]["AP"] for m, c in zip(mae, cross)
+                 if c.get(task, {}).get("AP") is not None and m.get(task, {}).get("AP") is not None]
+        if not diffs:
+            parts.append(f"{task} AP n/a")
+            continue
+        text = f"{task} AP {np.mean(diffs):+.1f}"
+        if len(diffs) > 1:
+            text += f" (paired over {len(diffs)} seeds: std {np.std(diffs, ddof=1):.1f}, range {min(diffs):+.1f} to {max(diffs):+.1f})"
+        parts.append(text)
+    return "CrossMAE minus MAE: " + "; ".join(parts) + "."

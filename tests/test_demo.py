@@ -25,28 +25,42 @@ def test_report_files_exist_and_show_all_runs(report_dir):
 
 def test_each_detector_was_trained_from_its_own_initialisation(report_dir):
     for name in ("random_init", "mae", "crossmae"):
-        ap = json.loads((report_dir / "detection" / name / "ap.json").read_text())
+        ap = json.loads((report_dir / "seed0" / "detection" / name / "ap.json").read_text())
         assert set(ap["bbox"]) >= {"AP", "AP50", "AP75"} and set(ap["segm"]) >= {"AP", "AP50", "AP75"}
-    init = (report_dir / "pretrain" / "crossmae" / "d2_init.pth")
+    init = (report_dir / "seed0" / "pretrain" / "crossmae" / "d2_init.pth")
     assert init.is_file()
-    log = (report_dir / "detection" / "crossmae" / "log.txt").read_text()
+    log = (report_dir / "seed0" / "detection" / "crossmae" / "log.txt").read_text()
     assert str(init) in log  # train_net loaded the converted CrossMAE encoder
 
 
-def test_rerun_reuses_finished_steps(report_dir, capsys):
-    demo.main(["--size", "smoke", "--output", str(report_dir)])
+def test_rerun_reuses_finished_steps_and_a_second_seed_gives_the_spread(report_dir, capsys):
+    demo.main(["--size", "smoke", "--output", str(report_dir), "--seeds", "0", "1"])
     out = capsys.readouterr().out
-    assert out.count("done before, reusing") == 5  # 2 pretrainings + 3 detectors
+    assert out.count("done before, reusing") == 5  # seed 0: 2 pretrainings + 3 detectors; seed 1 is new
+    aps = {s: json.loads((report_dir / f"seed{s}" / "detection" / "mae" / "ap.json").read_text())["bbox"]["AP"]
+           for s in (0, 1)}
+    text = (report_dir / "report.md").read_text()
+    assert "2 seeds (0, 1)" in text and "| MAE | " in text
+    mean = sum(aps.values()) / 2
+    std = abs(aps[0] - aps[1]) / 2 ** 0.5  # sample std of two values
+    assert f"| MAE | {mean:.1f} ± {std:.1f}" in text
+    assert f"| MAE | {aps[0]:.1f} / " in text  # the per-seed table
+    assert "CrossMAE minus MAE: bbox AP" in text and "paired over 2 seeds" in text
+
+
+def test_repeated_seed_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="repeats a seed"):
+        demo.main(["--size", "smoke", "--output", str(tmp_path), "--seeds", "1", "1"])
 
 
 def test_compare_backbones_table_plot_and_errors(report_dir, tmp_path, capsys):
-    runs = [str(report_dir / "detection" / n) for n in ("mae", "crossmae")]
+    runs = [str(report_dir / "seed0" / "detection" / n) for n in ("mae", "crossmae")]
     compare_backbones.main([*runs, "--names", "MAE", "CrossMAE", "--plot", str(tmp_path / "ap.png"),
                             "--markdown", str(tmp_path / "ap.md")])
     table, plot_line = capsys.readouterr().out.rsplit("\nplot: ", 1)
     assert plot_line.strip() == str(tmp_path / "ap.png")
-    mae = json.loads((report_dir / "detection" / "mae" / "ap.json").read_text())
-    cross = json.loads((report_dir / "detection" / "crossmae" / "ap.json").read_text())
+    mae = json.loads((report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text())
+    cross = json.loads((report_dir / "seed0" / "detection" / "crossmae" / "ap.json").read_text())
     delta = cross["bbox"]["AP"] - mae["bbox"]["AP"]
     assert f"| CrossMAE | {cross['bbox']['AP']:.1f} ({delta:+.1f})" in table
     assert (tmp_path / "ap.png").stat().st_size > 0 and (tmp_path / "ap.md").read_text().strip() == table.strip()

@@ -1,17 +1,18 @@
 """The whole path on one machine: does a CrossMAE backbone detect as well as an MAE one, for less compute?
 
-  make demo                                   # CPU defaults, about 15 minutes on 2 cores
-  .venv/bin/python tools/demo.py --size small # on a CUDA device: bigger backbones, longer schedules
+  make demo                                     # CPU defaults, about 15 minutes on 2 cores
+  .venv/bin/python tools/demo.py --seeds 0 1 2  # three full runs: mean ± std, the run-to-run spread
+  .venv/bin/python tools/demo.py --size small   # on a CUDA device: bigger backbones, longer schedules
 
-Steps, each skipped when its output already exists (rerun after an interruption to continue;
---fresh starts over):
+Steps per seed, into OUTPUT/seed<S>/, each skipped when its output already exists (rerun after an
+interruption to continue, or with more seeds to add runs; --fresh starts over):
   1. pretrain MAE and CrossMAE ViTs on the built-in images, same epochs and data (CrossMAE in the
      paper's efficient setting, prediction ratio 0.25);
   2. convert each encoder into a detectron2 ViTDet checkpoint;
   3. fine-tune Mask R-CNN on the built-in COCO-format shapes dataset from each, and from random
      initialisation as a control, for the same schedule; evaluate bbox and segm AP on its val split;
-  4. write OUTPUT/report.md (AP table, pretraining time, decoder GFLOPs) and PNGs: AP bars, loss curves,
-     reconstruction grids, val images with predicted masks.
+  4. write OUTPUT/report.md (AP table, mean ± std over seeds, CrossMAE minus MAE paired by seed, pretraining
+     time, decoder GFLOPs) and PNGs: AP bars, loss curves, reconstruction grids, val images with predicted masks.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ SIZES = {
               "crossmae_prediction_ratio": 0.25},
     "tiny": {"model": "vit_tiny_patch16",
              "pretrain": {"epochs": 6, "warmup_epochs": 1, "builtin_size": 1024, "batch_size": 32, "input_size": 96},
-             "det_config": "mask_rcnn_vit_tiny_builtin.py", "det_iters": 300, "det_overrides": [],
+             "det_config": "mask_rcnn_vit_tiny_builtin.py", "det_iters": 250, "det_overrides": [],
              "crossmae_prediction_ratio": 0.25},
     "small": {"model": "vit_small_patch16",
               "pretrain": {"epochs": 100, "warmup_epochs": 10, "builtin_size": 16384, "batch_size": 128,
@@ -69,7 +70,7 @@ def pretrain(method: str, size: dict, out: Path, seed: int) -> dict:
     run_dir = out / "pretrain" / method
     summary = run_dir / "summary.json"
     if summary.is_file():
-        log(f"pretrain {method}: done before, reusing {run_dir}")
+        log(f"pretrain {method} (seed {seed}): done before, reusing {run_dir}")
         return json.loads(summary.read_text())
     recipe = yaml.safe_load((ROOT / "configs" / "pretrain" / f"{method}_vit_tiny_cpu.yaml").read_text())
     cfg = {**DEFAULTS, **recipe, "num_workers": 2, **size["pretrain"], "model": f"{method}_{size['model']}",
@@ -77,7 +78,7 @@ def pretrain(method: str, size: dict, out: Path, seed: int) -> dict:
     if method == "crossmae":
         cfg["prediction_ratio"] = size["crossmae_prediction_ratio"]
     validate(cfg)
-    log(f"pretrain {method}: {cfg['model']}, {cfg['epochs']} epochs on {cfg['builtin_size']} built-in images")
+    log(f"pretrain {method} (seed {seed}): {cfg['model']}, {cfg['epochs']} epochs on {cfg['builtin_size']} built-in images")
     t0 = time.time()
     result = run(cfg)
     elapsed = time.time() - t0
@@ -117,18 +118,17 @@ def convert(method: str, ckpt: str, out: Path) -> Path:
     return target
 
 
-def finetune(name: str, init: Path | None, out: Path, size: dict, seed: int, pretrain_img: int) -> dict:
-    """Mask R-CNN on the built-in shapes through tools/train_net.py; returns its ap.json."""
-    run_dir = out / "detection" / name
+def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int, pretrain_img: int) -> dict:
+    """Mask R-CNN on the built-in shapes through tools/train_net.py into `run_dir`; returns its ap.json."""
     ap = run_dir / "ap.json"
     if ap.is_file():
-        log(f"detection {name}: done before, reusing {run_dir}")
+        log(f"detection {name} (seed {seed}): done before, reusing {run_dir}")
         return json.loads(ap.read_text())
     cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", str(DEMO_CONFIGS / size["det_config"]),
            f"train.output_dir={run_dir}", f"train.init_checkpoint={init or ''}", f"train.max_iter={size['det_iters']}",
            f"train.seed={seed}", f"model.backbone.net.pretrain_img_size={pretrain_img}",
            f"dataloader.evaluator.output_dir={run_dir / 'inference'}", *size["det_overrides"]]
-    log(f"detection {name}: {size['det_iters']} iterations from {init or 'random initialisation'}")
+    log(f"detection {name} (seed {seed}): {size['det_iters']} iterations from {init or 'random initialisation'}")
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
     result = json.loads(ap.read_text())
@@ -153,11 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", default="demo_output", help="where everything is written (default demo_output)")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny",
                    help="tiny: 2-core CPU, ~15 min; small: a CUDA device; smoke: seconds, the pipeline in miniature")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one full run (pretraining and detection) per seed; the report gives mean ± std "
+                        "(default: 0; `--seeds 0 1 2` takes three times as long)")
     p.add_argument("--pretrain-epochs", type=int, help="override the size's pretraining epochs")
     p.add_argument("--det-iters", type=int, help="override the size's detection iterations")
     p.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of reusing finished steps")
     args = p.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"error: --seeds {' '.join(map(str, args.seeds))} repeats a seed; give distinct seeds")
     size = json.loads(json.dumps(SIZES[args.size]))
     if args.pretrain_epochs:
         size["pretrain"]["epochs"] = args.pretrain_epochs
@@ -170,17 +174,27 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    pre = {m: pretrain(m, size, out, args.seed) for m in METHODS}
     gflops = {m: decoder_gflops(m, size) for m in METHODS}
-    inits = {m: convert(m, pre[m]["checkpoint"], out) for m in METHODS}
-    runs = {"random init": None, **{f"{m.upper() if m == 'mae' else 'CrossMAE'}": inits[m] for m in METHODS}}
-    results = {name: finetune(name.replace(" ", "_").lower(), init, out, size, args.seed,
-                              size["pretrain"]["input_size"]) for name, init in runs.items()}
+    names = {"random init": None, "MAE": "mae", "CrossMAE": "crossmae"}
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    run_dirs: dict[str, list[Path]] = {n: [] for n in names}
+    pre: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for seed in args.seeds:
+        seed_out = out / f"seed{seed}"
+        for m in METHODS:
+            pre[m].append(pretrain(m, size, seed_out, seed))
+        inits = {m: convert(m, pre[m][-1]["checkpoint"], seed_out) for m in METHODS}
+        for name, method in names.items():
+            run_dir = seed_out / "detection" / (method or "random_init")
+            results[name].append(finetune(name, inits.get(method), run_dir, size, seed,
+                                          size["pretrain"]["input_size"]))
+            run_dirs[name].append(run_dir)
 
     gt_json, image_root = val_files(size)
     from detection.report import write_report
 
-    report = write_report(out, results, pre, gflops, size, time.time() - t_start, gt_json, image_root)
+    report = write_report(out, results, run_dirs, pre, gflops, size, args.seeds, time.time() - t_start, gt_json,
+                          image_root)
     print(report)
 
 
