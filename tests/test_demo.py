@@ -68,3 +68,26 @@ def test_compare_backbones_table_plot_and_errors(report_dir, tmp_path, capsys):
         compare_backbones.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="one name per dir"):
         compare_backbones.main([*runs, "--names", "only-one"])
+
+
+def test_top_detections_ranks_filters_and_cuts_per_image():
+    from detection.report import top_detections
+
+    res = [{"image_id": 1, "score": 0.2}, {"image_id": 1, "score": 0.9}, {"image_id": 2, "score": 0.95},
+           {"image_id": 1, "score": 0.04}, {"image_id": 1, "score": 0.5}]
+    assert [d["score"] for d in top_detections(res, 1, 2)] == [0.9, 0.5]
+    assert [d["score"] for d in top_detections(res, 1, 10)] == [0.9, 0.5, 0.2]  # 0.04 is under min_score
+    assert top_detections(res, 3, 5) == []
+
+
+def test_mean_std_and_table_spread():
+    from detection.report import ap_table, mean_std
+
+    runs = [{"bbox": {"AP": 2.0, "AP50": 5.0, "AP75": None}, "segm": {"AP": 1.0, "AP50": 3.0, "AP75": 0.0}},
+            {"bbox": {"AP": 4.0, "AP50": 7.0, "AP75": 1.0}, "segm": {"AP": 3.0, "AP50": 5.0, "AP75": 0.0}}]
+    mean, std = mean_std(runs)
+    assert mean["bbox"]["AP"] == 3.0 and abs(std["bbox"]["AP"] - 2 ** 0.5) < 1e-9
+    assert "AP75" not in mean["bbox"]  # missing in one run: left out, shown as n/a
+    table = ap_table(["a", "b"], [mean, {"bbox": {"AP": 1.0}, "segm": {}}], [std, {}])
+    assert "| a | 3.0 ± 1.4 | 6.0 ± 1.4 | n/a | 2.0 ± 1.4 |" in table
+    assert "| b | 1.0 (-2.0) | n/a" in table

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         size["pretrain"]["warmup_epochs"] = min(size["pretrain"]["warmup_epochs"], args.pretrain_epochs)
     if args.det_iters:
         size["det_iters"] = args.det_iters
-    out = Path(args.output)
+    out = Path(args.output).resolve()  # summaries store checkpoint paths: valid from any working directory
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
