@@ -91,3 +91,20 @@ def test_mean_std_and_table_spread():
     table = ap_table(["a", "b"], [mean, {"bbox": {"AP": 1.0}, "segm": {}}], [std, {}])
     assert "| a | 3.0 ± 1.4 | 6.0 ± 1.4 | n/a | 2.0 ± 1.4 |" in table
     assert "| b | 1.0 (-2.0) | n/a" in table
+
+
+def test_demo_schedule_steps_the_lr_inside_a_shortened_run():
+    # The tiny config places its steps at 533 / 578 of 600 iterations: a 450-iteration run passed only
+    # train.max_iter would never decay. schedule_overrides must move both steps (and the warm-up) inside it.
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / "mask_rcnn_vit_tiny_builtin.py"))
+    size = {"det_iters": 450, "det_steps": True}
+    cfg = LazyConfig.apply_overrides(cfg, demo.schedule_overrides(size))
+    assert cfg.train.max_iter == 450 and cfg.train.eval_period == 0
+    sched = instantiate(cfg.lr_multiplier)  # detectron2's LRMultiplier calls it with iteration / max_iter
+    lr = [sched(i / 450) for i in range(450)]
+    assert lr[0] < 0.01 and lr[100] == pytest.approx(1.0)
+    assert lr[399] == pytest.approx(1.0) and lr[401] == pytest.approx(0.1) and lr[449] == pytest.approx(0.01)
+    with pytest.raises(SystemExit, match="too short"):
+        demo.schedule_overrides({"det_iters": 13, "det_steps": True})

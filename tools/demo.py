@@ -46,15 +46,15 @@ SIZES = {
               "crossmae_prediction_ratio": 0.25},
     "tiny": {"model": "vit_tiny_patch16",
              "pretrain": {"epochs": 6, "warmup_epochs": 1, "builtin_size": 1024, "batch_size": 32, "input_size": 96},
-             "det_config": "mask_rcnn_vit_tiny_builtin.py", "det_iters": 250, "det_overrides": [],
-             "crossmae_prediction_ratio": 0.25},
+             "det_config": "mask_rcnn_vit_tiny_builtin.py", "det_iters": 450, "det_overrides": [],
+             "det_steps": True, "crossmae_prediction_ratio": 0.25},
     "small": {"model": "vit_small_patch16",
               "pretrain": {"epochs": 100, "warmup_epochs": 10, "builtin_size": 16384, "batch_size": 128,
                            "input_size": 224, "device": "cuda", "num_workers": 8},
               "det_config": "mask_rcnn_vit_tiny_builtin.py", "det_iters": 3000,
               "det_overrides": ["model.backbone.net.embed_dim=384", "model.backbone.net.num_heads=6",
                                 "train.device=cuda"],
-              "crossmae_prediction_ratio": 0.25},
+              "det_steps": True, "crossmae_prediction_ratio": 0.25},
 }
 
 
@@ -118,6 +118,25 @@ def convert(method: str, ckpt: str, out: Path) -> Path:
     return target
 
 
+def schedule_overrides(size: dict) -> list[str]:
+    """train_net overrides that fit the detection schedule to `size["det_iters"]` iterations.
+
+    The configs place the learning-rate steps for their own `train.max_iter`; a shorter run would never reach
+    them. With "det_steps", the two drops (x0.1 each) land at 8/9 and 26/27 of the run, ViTDet's positions,
+    after a warm-up of at most 25 iterations. Evaluation runs once, after the last iteration.
+    """
+    iters = size["det_iters"]
+    overrides = [f"train.max_iter={iters}", "train.eval_period=0"]
+    if size.get("det_steps"):
+        milestones = sorted({min(round(iters * f), iters - 1) for f in (8 / 9, 26 / 27)})
+        if len(milestones) < 2:
+            raise SystemExit(f"error: --det-iters {iters} is too short for two learning-rate steps; use at least 20")
+        overrides += [f"lr_multiplier.scheduler.milestones={milestones}",
+                      f"lr_multiplier.scheduler.num_updates={iters}",
+                      f"lr_multiplier.warmup_length={min(25, iters // 10) / iters}"]
+    return overrides
+
+
 def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int, pretrain_img: int) -> dict:
     """Mask R-CNN on the built-in shapes through tools/train_net.py into `run_dir`; returns its ap.json."""
     ap = run_dir / "ap.json"
@@ -125,7 +144,7 @@ def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int,
         log(f"detection {name} (seed {seed}): done before, reusing {run_dir}")
         return json.loads(ap.read_text())
     cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", str(DEMO_CONFIGS / size["det_config"]),
-           f"train.output_dir={run_dir}", f"train.init_checkpoint={init or ''}", f"train.max_iter={size['det_iters']}",
+           f"train.output_dir={run_dir}", f"train.init_checkpoint={init or ''}", *schedule_overrides(size),
            f"train.seed={seed}", f"model.backbone.net.pretrain_img_size={pretrain_img}",
            f"dataloader.evaluator.output_dir={run_dir / 'inference'}", *size["det_overrides"]]
     log(f"detection {name} (seed {seed}): {size['det_iters']} iterations from {init or 'random initialisation'}")
@@ -168,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         size["pretrain"]["warmup_epochs"] = min(size["pretrain"]["warmup_epochs"], args.pretrain_epochs)
     if args.det_iters:
         size["det_iters"] = args.det_iters
+    schedule_overrides(size)  # a bad --det-iters fails here, not after pretraining
     out = Path(args.output).resolve()  # summaries store checkpoint paths: valid from any working directory
     if args.fresh and out.exists():
         shutil.rmtree(out)
