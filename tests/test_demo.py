@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from tools import compare_backbones, demo
 
@@ -108,3 +109,29 @@ def test_demo_schedule_steps_the_lr_inside_a_shortened_run():
     assert lr[399] == pytest.approx(1.0) and lr[401] == pytest.approx(0.1) and lr[449] == pytest.approx(0.01)
     with pytest.raises(SystemExit, match="too short"):
         demo.schedule_overrides({"det_iters": 13, "det_steps": True})
+
+
+@pytest.mark.parametrize("method", demo.METHODS)
+def test_gpu_size_small_encoder_fits_its_detector(method, tmp_path):
+    # `--size small` is meant for a CUDA device: a mismatch between its pretraining model and its detection
+    # overrides would only show after the GPU pretraining. Build both here, on CPU, through the demo's own
+    # config, conversion and override code, and check every converted tensor lands on a same-shaped one.
+    from detectron2.config import LazyConfig, instantiate
+
+    from pretrain.trainer import create_model
+
+    size = demo.SIZES["small"]
+    cfg = demo.pretrain_config(method, size, tmp_path / "run", seed=0)
+    torch.save({"model": create_model(cfg).state_dict()}, tmp_path / "checkpoint.pth")
+    (tmp_path / "pretrain" / method).mkdir(parents=True)  # where the pretraining would have written
+    init = demo.convert(method, str(tmp_path / "checkpoint.pth"), tmp_path)
+    converted = torch.load(init, weights_only=False)["model"]
+
+    det_cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / size["det_config"]))
+    det_cfg = LazyConfig.apply_overrides(det_cfg, demo.det_overrides(size, cfg["input_size"]))
+    assert det_cfg.train.device == "cuda"
+    target = instantiate(det_cfg.model).state_dict()
+    net = {k for k in target if k.startswith("backbone.net.") and "rel_pos" not in k}
+    assert set(converted) == net  # every encoder tensor, and only those (rel_pos_* is ViTDet's, learnt there)
+    wrong = {k: (tuple(v.shape), tuple(target[k].shape)) for k, v in converted.items() if v.shape != target[k].shape}
+    assert not wrong

@@ -62,9 +62,21 @@ def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def pretrain_config(method: str, size: dict, run_dir: Path, seed: int) -> dict:
+    """The validated pretraining config of `method` at `size`: its CPU recipe with the size's overrides."""
+    from pretrain.config import DEFAULTS, validate
+
+    recipe = yaml.safe_load((ROOT / "configs" / "pretrain" / f"{method}_vit_tiny_cpu.yaml").read_text())
+    cfg = {**DEFAULTS, **recipe, "num_workers": 2, **size["pretrain"], "model": f"{method}_{size['model']}",
+           "output_dir": str(run_dir), "seed": seed, "resume": "auto"}
+    if method == "crossmae":
+        cfg["prediction_ratio"] = size["crossmae_prediction_ratio"]
+    validate(cfg)
+    return cfg
+
+
 def pretrain(method: str, size: dict, out: Path, seed: int) -> dict:
     """Run (or reuse) one pretraining; returns {"time_s", "final_loss", "checkpoint"}."""
-    from pretrain.config import DEFAULTS, validate
     from pretrain.trainer import run
 
     run_dir = out / "pretrain" / method
@@ -72,12 +84,7 @@ def pretrain(method: str, size: dict, out: Path, seed: int) -> dict:
     if summary.is_file():
         log(f"pretrain {method} (seed {seed}): done before, reusing {run_dir}")
         return json.loads(summary.read_text())
-    recipe = yaml.safe_load((ROOT / "configs" / "pretrain" / f"{method}_vit_tiny_cpu.yaml").read_text())
-    cfg = {**DEFAULTS, **recipe, "num_workers": 2, **size["pretrain"], "model": f"{method}_{size['model']}",
-           "output_dir": str(run_dir), "seed": seed, "resume": "auto"}
-    if method == "crossmae":
-        cfg["prediction_ratio"] = size["crossmae_prediction_ratio"]
-    validate(cfg)
+    cfg = pretrain_config(method, size, run_dir, seed)
     log(f"pretrain {method} (seed {seed}): {cfg['model']}, {cfg['epochs']} epochs on {cfg['builtin_size']} built-in images")
     t0 = time.time()
     result = run(cfg)
@@ -137,6 +144,11 @@ def schedule_overrides(size: dict) -> list[str]:
     return overrides
 
 
+def det_overrides(size: dict, pretrain_img: int) -> list[str]:
+    """train_net overrides of `size` over its detection config: schedule, backbone shape, device."""
+    return [*schedule_overrides(size), f"model.backbone.net.pretrain_img_size={pretrain_img}", *size["det_overrides"]]
+
+
 def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int, pretrain_img: int) -> dict:
     """Mask R-CNN on the built-in shapes through tools/train_net.py into `run_dir`; returns its ap.json."""
     ap = run_dir / "ap.json"
@@ -144,9 +156,8 @@ def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int,
         log(f"detection {name} (seed {seed}): done before, reusing {run_dir}")
         return json.loads(ap.read_text())
     cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", str(DEMO_CONFIGS / size["det_config"]),
-           f"train.output_dir={run_dir}", f"train.init_checkpoint={init or ''}", *schedule_overrides(size),
-           f"train.seed={seed}", f"model.backbone.net.pretrain_img_size={pretrain_img}",
-           f"dataloader.evaluator.output_dir={run_dir / 'inference'}", *size["det_overrides"]]
+           f"train.output_dir={run_dir}", f"train.init_checkpoint={init or ''}", f"train.seed={seed}",
+           f"dataloader.evaluator.output_dir={run_dir / 'inference'}", *det_overrides(size, pretrain_img)]
     log(f"detection {name} (seed {seed}): {size['det_iters']} iterations from {init or 'random initialisation'}")
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
