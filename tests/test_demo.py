@@ -49,6 +49,16 @@ def test_rerun_reuses_finished_steps_and_a_second_seed_gives_the_spread(report_d
     assert "CrossMAE minus MAE: bbox AP" in text and "paired over 2 seeds" in text
 
 
+def test_finished_steps_made_with_other_settings_are_refused_not_reused(report_dir):
+    # A report mixing 2-iteration runs with a --det-iters 3 header (or other pretraining) would be wrong.
+    before = (report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text()
+    with pytest.raises(SystemExit, match=r"detection/random_init was made with other settings .*max_iter=2.*--fresh"):
+        demo.main(["--size", "smoke", "--output", str(report_dir), "--det-iters", "3"])
+    with pytest.raises(SystemExit, match=r"pretrain/mae was made with other settings .*epochs: 1 -> 2"):
+        demo.main(["--size", "smoke", "--output", str(report_dir), "--pretrain-epochs", "2"])
+    assert (report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text() == before
+
+
 def test_repeated_seed_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="repeats a seed"):
         demo.main(["--size", "smoke", "--output", str(tmp_path), "--seeds", "1", "1"])

@@ -75,16 +75,38 @@ def pretrain_config(method: str, size: dict, run_dir: Path, seed: int) -> dict:
     return cfg
 
 
+def _settings(cfg: dict) -> dict:
+    """What a run's results depend on, in JSON form: its config without where it was written."""
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in ("output_dir", "resume")}))
+
+
+def _check_reusable(run_dir: Path, stored: dict, wanted: dict) -> None:
+    """Refuse to reuse a finished step that was made with other settings (or by an older demo)."""
+    if stored == wanted:
+        return
+    def show(old, new) -> str:
+        if isinstance(old, list) and isinstance(new, list):  # override lists: only the items that differ
+            old, new = [x for x in old if x not in new], [x for x in new if x not in old]
+        return f"{old} -> {new}"
+
+    diff = [f"{k}: {show(stored.get(k, 'not recorded'), wanted.get(k))}" for k in sorted(wanted)
+            if stored.get(k) != wanted.get(k)]
+    raise SystemExit(f"error: {run_dir} was made with other settings than this run ({'; '.join(diff)[:300]}); "
+                     "start over with --fresh or write to another --output")
+
+
 def pretrain(method: str, size: dict, out: Path, seed: int) -> dict:
     """Run (or reuse) one pretraining; returns {"time_s", "final_loss", "checkpoint"}."""
     from pretrain.trainer import run
 
     run_dir = out / "pretrain" / method
     summary = run_dir / "summary.json"
-    if summary.is_file():
-        log(f"pretrain {method} (seed {seed}): done before, reusing {run_dir}")
-        return json.loads(summary.read_text())
     cfg = pretrain_config(method, size, run_dir, seed)
+    if summary.is_file():
+        info = json.loads(summary.read_text())
+        _check_reusable(run_dir, _settings(info.get("config", {})), _settings(cfg))
+        log(f"pretrain {method} (seed {seed}): done before, reusing {run_dir}")
+        return info
     log(f"pretrain {method} (seed {seed}): {cfg['model']}, {cfg['epochs']} epochs on {cfg['builtin_size']} built-in images")
     t0 = time.time()
     result = run(cfg)
@@ -152,9 +174,13 @@ def det_overrides(size: dict, pretrain_img: int) -> list[str]:
 def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int, pretrain_img: int) -> dict:
     """Mask R-CNN on the built-in shapes through tools/train_net.py into `run_dir`; returns its ap.json."""
     ap = run_dir / "ap.json"
+    settings = {"config": size["det_config"], "init": "pretrained" if init else "random", "seed": seed,
+                "overrides": det_overrides(size, pretrain_img)}
     if ap.is_file():
+        result = json.loads(ap.read_text())
+        _check_reusable(run_dir, result.get("settings", {}), settings)
         log(f"detection {name} (seed {seed}): done before, reusing {run_dir}")
-        return json.loads(ap.read_text())
+        return result
     cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", str(DEMO_CONFIGS / size["det_config"]),
            f"train.output_dir={run_dir}", f"train.init_checkpoint={init or ''}", f"train.seed={seed}",
            f"dataloader.evaluator.output_dir={run_dir / 'inference'}", *det_overrides(size, pretrain_img)]
@@ -163,6 +189,7 @@ def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int,
     subprocess.run(cmd, check=True, cwd=ROOT)
     result = json.loads(ap.read_text())
     result["time_s"] = time.time() - t0
+    result["settings"] = settings
     ap.write_text(json.dumps(result, indent=2))
     return result
 
