@@ -183,7 +183,7 @@ def finetune(name: str, init: Path | None, run_dir: Path, size: dict, seed: int,
         return result
     cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", str(DEMO_CONFIGS / size["det_config"]),
            f"train.output_dir={run_dir}", f"train.init_checkpoint={init or ''}", f"train.seed={seed}",
-           f"dataloader.evaluator.output_dir={run_dir / 'inference'}", *det_overrides(size, pretrain_img)]
+           f"dataloader.evaluator.output_dir={run_dir / 'inference'}", *settings["overrides"]]
     log(f"detection {name} (seed {seed}): {size['det_iters']} iterations from {init or 'random initialisation'}")
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
