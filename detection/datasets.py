@@ -8,14 +8,15 @@ Three ways to name a dataset in a config's `dataloader.*.dataset.names`:
   `tools/train_net.py --dataset NAME JSON IMAGE_ROOT` calls it before the config is built, then e.g.
   `dataloader.train.dataset.names=NAME` selects it.
 - `builtin_shapes_train`, `builtin_shapes_val`: `register_builtin_shapes()` renders circles, squares,
-  triangles and stars with polygon masks on noisy textured backgrounds, deterministically from a seed,
+  triangles and stars with polygon masks on noisy textured backgrounds (`pretrain.synthetic`, the renderer of
+  pretraining's built-in images too, on other random streams), deterministically from a seed,
   into a cache folder (`$CROSSMAE_VITDET_CACHE` or `~/.cache/crossmae-vitdet`, under
   `builtin_shapes/seed{S}_n{train}-{val}_px{size}`) the first time it is read, then reuses it.
   Configs that use it register it (with their own size); tools/train_net.py registers the defaults otherwise.
 
 `check_dataset(name)` turns a missing json or image folder into a one-line error naming the path, and
-builds a built-in set whose files are not there yet. `builtin_images(n, size, seed)` yields the same
-renderer's plain RGB images, for pretraining without a download.
+builds a built-in set whose files are not there yet; `dataset_files(name)` gives a registered set's json and
+image folder (what the object probe and the demo read).
 """
 from __future__ import annotations
 
@@ -27,107 +28,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import cv2
-import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-__all__ = ["SHAPE_CATEGORIES", "render_shapes_image", "builtin_images", "builtin_shapes_dir", "write_builtin_shapes",
-           "build_builtin_shapes", "register_builtin_shapes", "register_coco_json", "check_dataset",
-           "BitmaskDatasetMapper"]
+from pretrain.errors import DataError
+from pretrain.synthetic import SHAPE_CATEGORIES, render_shapes_image, shapes_rng
 
-SHAPE_CATEGORIES = ("circle", "square", "triangle", "star")
+__all__ = ["SHAPE_CATEGORIES", "builtin_shapes_dir", "write_builtin_shapes", "build_builtin_shapes",
+           "register_builtin_shapes", "register_coco_json", "check_dataset", "dataset_files", "BitmaskDatasetMapper"]
+
 _SPLITS = ("train", "val")
 _DONE = "DONE"
-
-
-def _texture(rng: np.random.Generator, size: int, cells: int, amplitude: float) -> np.ndarray:
-    """Smooth colour noise: a random (cells x cells x 3) grid upsampled bicubically to (size, size, 3)."""
-    grid = rng.normal(0.0, amplitude, (cells, cells, 3)).astype(np.float32)
-    return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float32 canvas: colour gradient + blotches + distractor lines (no objects)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0, 1)[..., None]
-    c0, c1 = rng.uniform(30, 225, 3), rng.uniform(30, 225, 3)
-    canvas = (c0 * (1 - t) + c1 * t).astype(np.float32)
-    canvas += _texture(rng, size, int(rng.integers(3, 9)), 25.0)
-    for _ in range(int(rng.integers(2, 7))):  # thin lines: edges that belong to no object
-        p0, p1 = rng.integers(0, size, 2), rng.integers(0, size, 2)
-        color = tuple(float(c) for c in rng.uniform(0, 255, 3))
-        cv2.line(canvas, (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), color, int(rng.integers(1, 3)))
-    return canvas
-
-
-def _shape_polygon(rng: np.random.Generator, kind: str, center: np.ndarray, radius: float) -> np.ndarray:
-    """(K, 2) float64 vertices (x, y) of one shape of circumradius `radius`, randomly rotated."""
-    rotation = rng.uniform(0, 2 * np.pi)
-    if kind == "circle":
-        angles, radii = np.linspace(0, 2 * np.pi, 32, endpoint=False), np.full(32, radius)
-    elif kind == "square":
-        angles, radii = np.arange(4) * np.pi / 2, np.full(4, radius)
-    elif kind == "triangle":
-        angles, radii = np.arange(3) * 2 * np.pi / 3, np.full(3, radius)
-    elif kind == "star":  # 5 points; inner radius 0.45 keeps the arms distinct from a pentagon
-        angles, radii = np.arange(10) * np.pi / 5, np.tile([radius, 0.45 * radius], 5)
-    else:
-        raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPE_CATEGORIES}")
-    angles = angles + rotation
-    return center + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
-
-
-def render_shapes_image(rng: np.random.Generator, size: int,
-                        max_objects: int = 6) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """Render one image of non-overlapping textured shapes.
-
-    Args:
-        rng: Source of all randomness; the output is a pure function of its state.
-        size: Side of the square image in pixels.
-        max_objects: Upper bound on the number of shapes (at least 1 is drawn).
-
-    Returns:
-        (size, size, 3) uint8 RGB image, and per shape (category index into `SHAPE_CATEGORIES`,
-        (K, 2) polygon in pixel coordinates, clipped to the image).
-    """
-    canvas = _background(rng, size)
-    objects: list[tuple[int, np.ndarray]] = []
-    placed: list[tuple[np.ndarray, float]] = []
-    for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _attempt in range(20):  # rejection sampling keeps shapes disjoint, so every polygon is fully visible
-            radius = rng.uniform(0.06, 0.2) * size
-            center = rng.uniform(radius, size - radius, 2)
-            if all(np.hypot(*(center - c)) > radius + r + 2 for c, r in placed):
-                break
-        else:
-            continue
-        kind = int(rng.integers(len(SHAPE_CATEGORIES)))
-        polygon = np.clip(_shape_polygon(rng, SHAPE_CATEGORIES[kind], center, radius), 0, size - 1)
-        mask = np.zeros((size, size), np.uint8)
-        cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1)
-        fill = rng.uniform(0, 255, 3).astype(np.float32) + _texture(rng, size, int(rng.integers(2, 6)), 30.0)
-        canvas = np.where(mask[..., None] > 0, fill, canvas)
-        placed.append((center, radius))
-        objects.append((kind, polygon))
-    canvas += rng.normal(0, 8.0, canvas.shape).astype(np.float32)  # sensor-like noise over edges too
-    return np.clip(canvas, 0, 255).astype(np.uint8), objects
-
-
-def builtin_images(n: int, size: int = 224, seed: int = 0) -> Iterator[np.ndarray]:
-    """Yield `n` plain RGB images from the built-in shapes renderer.
-
-    Args:
-        n: Number of images.
-        size: Side of each square image in pixels.
-        seed: Same seed, same images.
-
-    Returns:
-        Iterator of (size, size, 3) uint8 arrays.
-    """
-    for index in range(n):
-        yield render_shapes_image(np.random.default_rng([seed, 2, index]), size)[0]
 
 
 def builtin_shapes_dir(seed: int = 0, num_train: int = 512, num_val: int = 64, image_size: int = 256,
@@ -145,7 +57,7 @@ def _coco_split(folder: Path, split: str, count: int, first_id: int, image_size:
     images, annotations = [], []
     for index in range(count):
         # Streams keyed by (seed, split, index): the two splits never share an image.
-        image, objects = render_shapes_image(np.random.default_rng([seed, _SPLITS.index(split), index]), image_size)
+        image, objects = render_shapes_image(shapes_rng(seed, split, index), image_size)
         image_id, file_name = first_id + index, f"{split}/{index:06d}.jpg"
         cv2.imwrite(str(folder / file_name), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
         images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
@@ -217,7 +129,7 @@ def register_builtin_shapes(prefix: str = "builtin_shapes", seed: int = 0, num_t
         if name in DatasetCatalog.list():
             known = MetadataCatalog.get(name).get("builtin_shapes")
             if known != spec:
-                raise ValueError(f"dataset {name!r} is already registered as {known or 'something else'}, not {spec}; "
+                raise DataError(f"dataset {name!r} is already registered as {known or 'something else'}, not {spec}; "
                                  "pick another prefix for a second built-in set")
             continue
         json_file, image_root = folder / "annotations" / f"{split}.json", folder
@@ -236,19 +148,18 @@ def register_coco_json(name: str, json_file: str | os.PathLike, image_root: str 
     """Register a COCO-format instances json + image folder as `name` (a no-op if already so registered).
 
     Raises:
-        FileNotFoundError: `json_file` or `image_root` does not exist.
-        ValueError: `name` is already registered with other files.
+        DataError: `json_file` or `image_root` does not exist, or `name` is already registered with other files.
     """
     json_file, image_root = Path(json_file).expanduser(), Path(image_root).expanduser()
     if not json_file.is_file():
-        raise FileNotFoundError(f"dataset {name!r}: annotation file {json_file} not found; pass an existing COCO json")
+        raise DataError(f"dataset {name!r}: annotation file {json_file} not found; pass an existing COCO json")
     if not image_root.is_dir():
-        raise FileNotFoundError(f"dataset {name!r}: image folder {image_root} not found; pass the folder the json's "
+        raise DataError(f"dataset {name!r}: image folder {image_root} not found; pass the folder the json's "
                                 "file_name entries are relative to")
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if (meta.get("json_file"), meta.get("image_root")) != (str(json_file), str(image_root)):
-            raise ValueError(f"dataset {name!r} is already registered with {meta.get('json_file')}; pick another name")
+            raise DataError(f"dataset {name!r} is already registered with {meta.get('json_file')}; pick another name")
         return
     DatasetCatalog.register(name, lambda: load_coco_json(str(json_file), str(image_root), name))
     MetadataCatalog.get(name).set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
@@ -258,11 +169,10 @@ def check_dataset(name: str) -> None:
     """Make sure the files behind a registered dataset exist, rendering a built-in set if needed.
 
     Raises:
-        KeyError: `name` is not registered.
-        FileNotFoundError: its json or image folder is missing (one line, naming the path).
+        DataError: `name` is not registered, or its json or image folder is missing (one line, naming the path).
     """
     if name not in DatasetCatalog.list():
-        raise KeyError(f"dataset {name!r} is not registered; use coco_2017_*, builtin_shapes_*, or register it "
+        raise DataError(f"dataset {name!r} is not registered; use coco_2017_*, builtin_shapes_*, or register it "
                        "(tools/train_net.py --dataset NAME JSON IMAGE_ROOT)")
     meta = MetadataCatalog.get(name)
     if meta.get("builtin_shapes") is not None:
@@ -275,7 +185,21 @@ def check_dataset(name: str) -> None:
     for key in ("json_file", "image_root"):
         path = meta.get(key)
         if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f"dataset {name!r}: {key} {path} not found; {hint}")
+            raise DataError(f"dataset {name!r}: {key} {path} not found; {hint}")
+
+
+def dataset_files(name: str) -> tuple[str, str]:
+    """(json file, image folder) of a registered COCO-format dataset, rendering a built-in set if needed.
+
+    Raises:
+        DataError: as `check_dataset`, or the dataset has no json (not COCO-format).
+    """
+    check_dataset(name)
+    meta = MetadataCatalog.get(name)
+    if meta.get("json_file") is None or meta.get("image_root") is None:
+        raise DataError(f"dataset {name!r} has no COCO json and image folder registered; register it with "
+                        "--dataset NAME JSON IMAGE_ROOT")
+    return meta.json_file, meta.image_root
 
 
 class BitmaskDatasetMapper(DatasetMapper):

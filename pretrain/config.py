@@ -2,7 +2,8 @@
 
 The resolved configuration is a plain dict (YAML/JSON types only) so it is written next to the
 run and stored in checkpoints that load with `torch.load(weights_only=True)`.
-Precedence: DEFAULTS < recipe file (`--config`) < flags given on the command line.
+Precedence: DEFAULTS < recipe file (`--config`, itself merged over the recipes its `base:` names)
+< flags given on the command line.
 """
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
 import yaml
+
+from .errors import ConfigError
+from .models import build_model, model_info
 
 DEFAULTS: dict[str, Any] = {
     "model": "crossmae_vit_tiny_patch16",
@@ -55,7 +60,7 @@ def resolve_lr(cfg: dict[str, Any], world_size: int) -> float:
     if cfg["lr"] is not None:
         return float(cfg["lr"])
     eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world_size
-    is_cross = cfg["model"].startswith("crossmae")
+    is_cross = model_info(cfg["model"]).family == "crossmae"
     ratio = cfg["prediction_ratio"] / cfg["mask_ratio"] if is_cross else 1.0
     scale = {"proportional": ratio, "inverse": 1.0 / ratio, "none": 1.0}[cfg["lr_prediction_scale"]]
     return scale * cfg["blr"] * eff_batch / 256
@@ -96,20 +101,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe YAML merged over the recipe its optional `base:` key names (a path relative to it), recursively.
+
+    Raises:
+        ConfigError: a missing or malformed file, a `base:` cycle, or a key that is not a config key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found; see configs/pretrain/ for the shipped ones")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path} is its own base (through {' -> '.join(map(str, _seen))}); break the cycle")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML ({' '.join(str(e).split())}); fix the file") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {path} holds a {type(loaded).__name__}, not a mapping of config keys")
+    base = loaded.pop("base", None)
+    unknown = sorted(set(loaded) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{path} has unknown keys {unknown}; known keys: {sorted(DEFAULTS)}")
+    if base is None:
+        return loaded
+    return {**load_recipe(path.parent / str(base), (*_seen, path.resolve())), **loaded}
+
+
 def load_config(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse flags, merge them over the recipe and the defaults, and validate the result."""
     args = vars(build_parser().parse_args(argv))
     cfg = dict(DEFAULTS)
     recipe = args.pop("config")
     if recipe:
-        path = Path(recipe)
-        if not path.is_file():
-            raise SystemExit(f"error: recipe {recipe} not found; see configs/pretrain/ for the shipped ones")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(loaded) - set(DEFAULTS))
-        if unknown:
-            raise SystemExit(f"error: {recipe} has unknown keys {unknown}; known keys: {sorted(DEFAULTS)}")
-        cfg.update(loaded)
+        cfg.update(load_recipe(recipe))
         cfg["recipe"] = str(recipe)
     cfg.update({k: v for k, v in args.items() if v is not None})
     validate(cfg)
@@ -117,10 +141,18 @@ def load_config(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def validate(cfg: dict[str, Any]) -> None:
-    """Reject values that would fail later, with a one-line reason."""
-    def bad(msg: str) -> None:
-        raise SystemExit(f"error: {msg}")
+    """Reject values that would fail later, with a one-line reason.
 
+    Raises:
+        ConfigError: the first unusable value.
+    """
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    try:
+        model_info(cfg["model"])
+    except ValueError as e:
+        bad(f"--model: {e}")
     if not 0.0 < cfg["mask_ratio"] < 1.0:
         bad(f"--mask_ratio must be in (0, 1), got {cfg['mask_ratio']}")
     if not 0.0 < cfg["prediction_ratio"] <= cfg["mask_ratio"]:
@@ -135,3 +167,15 @@ def validate(cfg: dict[str, Any]) -> None:
         bad(f"lr_prediction_scale must be one of {LR_PREDICTION_SCALES}, got {cfg['lr_prediction_scale']!r}")
     if cfg["data_path"] in (None, ""):
         bad("--data_path is required: an ImageNet-layout root holding train/<class>/<image>, or 'builtin'")
+
+
+def create_model(cfg: dict[str, Any]) -> nn.Module:
+    """Build the registered model the config names, with its masking settings."""
+    overrides: dict[str, Any] = {**cfg.get("model_kwargs", {}), "img_size": cfg["input_size"],
+                                 "norm_pix_loss": cfg["norm_pix_loss"], "mask_ratio": cfg["mask_ratio"]}
+    if cfg["decoder_depth"] is not None:
+        overrides["decoder_depth"] = cfg["decoder_depth"]
+    model = build_model(cfg["model"], **overrides)
+    if model_info(cfg["model"]).family == "crossmae":
+        model.prediction_ratio = cfg["prediction_ratio"]
+    return model

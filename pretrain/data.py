@@ -1,25 +1,31 @@
-"""Pretraining data: an ImageNet-layout folder, or a built-in procedural image source.
+"""Images in: pretraining data (an ImageNet-layout folder, or the built-in procedural images), and the
+image sources of the analysis tools.
 
-Both yield `(image_tensor, n_skipped)`: `n_skipped` counts unreadable files replaced while
-producing the sample, so the trainer can report them without ending a long run.
+Training sets yield `(image_tensor, n_skipped)`: `n_skipped` counts unreadable files replaced while
+producing the sample, so the trainer can report them without ending a long run. The tools' sources
+(`image_source`) yield `(image, index, readable)` with fixed masks per image (`mask_noise`).
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from .errors import ConfigError, DataError
+from .synthetic import render_shapes_image, shapes_rng
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MAX_REPLACEMENTS = 16
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def train_transform(input_size: int) -> transforms.Compose:
@@ -44,50 +50,13 @@ def eval_transform(input_size: int) -> transforms.Compose:
 
 
 def render_builtin_image(index: int, size: int = 256, seed: int = 0) -> np.ndarray:
-    """One procedural RGB image, a pure function of (index, size, seed).
-
-    A smooth colour gradient with low-frequency noise, overlaid with 2-7 filled and outlined
-    shapes (discs, boxes, triangles, ellipses) in random colours, some striped: enough structure
-    that reconstructing masked patches needs context, and no download.
-
-    Returns:
-        (size, size, 3) uint8 array.
-    """
-    rng = np.random.default_rng([seed, index])
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0, 1)[..., None]
-    img = c0 * (1 - t) + c1 * t
-    coarse = rng.normal(0, 25, (8, 8, 3)).astype(np.float32)
-    img += cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-    img += rng.normal(0, 6, img.shape)
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    for _ in range(int(rng.integers(2, 8))):
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        thick = -1 if rng.random() < 0.75 else int(rng.integers(2, 6))
-        cx, cy = (int(v) for v in rng.integers(size // 8, size - size // 8, 2))
-        r = int(rng.integers(size // 16, size // 4))
-        kind = rng.integers(0, 4)
-        if kind == 0:
-            cv2.circle(img, (cx, cy), r, color, thick, cv2.LINE_AA)
-        elif kind == 1:
-            cv2.rectangle(img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), color, thick, cv2.LINE_AA)
-        elif kind == 2:
-            pts = np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)
-            cv2.fillPoly(img, [pts], color, cv2.LINE_AA) if thick < 0 else cv2.polylines(
-                img, [pts], True, color, thick, cv2.LINE_AA)
-        else:
-            cv2.ellipse(img, (cx, cy), (r, max(r // 2, 2)), float(rng.uniform(0, 180)), 0, 360, color,
-                        thick, cv2.LINE_AA)
-        if rng.random() < 0.3:  # stripes across the last shape's box
-            for k in range(cx - r, cx + r, 6):
-                cv2.line(img, (k, cy - r), (k, cy + r), tuple(255 - c for c in color), 1)
-    return img
+    """Built-in image `index`: `pretrain.synthetic.render_shapes_image` on its pretraining stream, a pure
+    function of (index, size, seed); (size, size, 3) uint8 RGB."""
+    return render_shapes_image(shapes_rng(seed, "pretrain", index), size)[0]
 
 
 class BuiltinImages(Dataset):
-    """`length` procedural images (see `render_builtin_image`), rendered on the fly."""
+    """`length` procedural images (see `render_builtin_image`), rendered on the fly; (image, 0) pairs."""
 
     def __init__(self, length: int, transform, size: int = 256, seed: int = 0) -> None:
         self.length, self.transform, self.size, self.seed = length, transform, size, seed
@@ -126,7 +95,7 @@ class RobustImageFolder(Dataset):
                 logger.warning("skipping unreadable image %s (%s)", path, e)
                 continue
             return self.transform(img), skipped
-        raise RuntimeError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from index {index} in "
+        raise DataError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from index {index} in "
                            f"{self.folder.root}; check the dataset")
 
     def __repr__(self) -> str:
@@ -149,12 +118,89 @@ def build_dataset(data_path: str, input_size: int, builtin_size: int = 2048, see
         return BuiltinImages(builtin_size, transform, seed=seed)
     root = Path(data_path)
     if not root.is_dir():
-        raise SystemExit(f"error: --data_path {data_path} does not exist; give an ImageNet-layout root "
+        raise DataError(f"--data_path {data_path} does not exist; give an ImageNet-layout root "
                          "(DATA/train/<class>/<image>) or 'builtin'")
     train = root / "train"
     if not train.is_dir():
-        raise SystemExit(f"error: {train} not found; --data_path must hold train/<class>/<image> (ImageNet layout)")
+        raise DataError(f"{train} not found; --data_path must hold train/<class>/<image> (ImageNet layout)")
     try:
         return RobustImageFolder(train, transform)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: no images under {train} ({e}); expected train/<class>/<image>") from None
+        raise DataError(f"no images under {train} ({e}); expected train/<class>/<image>") from None
+
+
+def mask_noise(indices: Sequence[int], num_patches: int, seed: int) -> torch.Tensor:
+    """(N, L) masking noise, a function of (seed, image index) only: the same image gets the same
+    mask whatever the batch size or device."""
+    rows = [torch.rand(num_patches, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+            for i in indices]
+    return torch.stack(rows)
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named by `paths`, folders searched recursively, each folder sorted by path."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DataError(f"image path {p} does not exist; give image files, folders of images, or --builtin N")
+    if not found:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, paths))}")
+    return found
+
+
+class ImageFiles(Dataset):
+    """Image files, centre-cropped and normalised; yields (image, index, readable).
+
+    An unreadable file yields a zero image and readable=False, so one bad file skips one image
+    instead of ending a long run.
+    """
+
+    def __init__(self, files: Sequence[Path], input_size: int) -> None:
+        self.files, self.transform = list(files), eval_transform(input_size)
+        self.input_size = input_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        try:
+            with Image.open(self.files[index]) as f:
+                return self.transform(f.convert("RGB")), index, True
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return torch.zeros(3, self.input_size, self.input_size), index, False
+
+    def name(self, index: int) -> str:
+        return str(self.files[index])
+
+
+class Builtin(Dataset):
+    """The procedural images of `pretrain.data.render_builtin_image`, as (image, index, True)."""
+
+    def __init__(self, length: int, input_size: int, seed: int = 0) -> None:
+        self.images = BuiltinImages(length, eval_transform(input_size), seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        return self.images[index][0], index, True
+
+    def name(self, index: int) -> str:
+        return f"builtin:{index}"
+
+
+def image_source(paths: Sequence[str], builtin: int | None, input_size: int, seed: int = 0,
+                 default_builtin: int = 8) -> ImageFiles | Builtin:
+    """Files/folders in `paths`, else `builtin` (or `default_builtin`) procedural images."""
+    if paths and builtin:
+        raise ConfigError("give IMAGES or --builtin N, not both")
+    if paths:
+        return ImageFiles(collect_images(paths), input_size)
+    n = builtin or default_builtin
+    if n < 1:
+        raise ConfigError(f"--builtin must be >= 1, got {n}")
+    return Builtin(n, input_size, seed)

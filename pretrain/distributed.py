@@ -1,10 +1,29 @@
-"""torchrun / DDP set-up: nccl on CUDA, gloo on CPU; rank 0 owns logs and checkpoints."""
+"""Devices and torchrun / DDP set-up: nccl on CUDA, gloo on CPU; rank 0 owns logs and checkpoints."""
 from __future__ import annotations
 
 import os
 
 import torch
 import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when visible, else cpu; "cpu", "cuda", "cuda:N" as given.
+
+    Raises:
+        ConfigError: a CUDA device is asked for but none is visible, or the name is no device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} requested but no CUDA device is visible; use --device cpu")
+    return device
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:

@@ -17,6 +17,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def autocast(device: torch.device) -> torch.autocast:
+    """The precision policy of every training step: bf16 autocast on CUDA; fp32 on CPU, where bf16 is slower."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def lr_at(epoch_float: float, cfg: dict[str, Any], peak_lr: float) -> float:
     """Linear warmup to `peak_lr`, then half-cycle cosine to `min_lr` (MAE's schedule).
 
@@ -47,7 +52,6 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     model.train()
     accum = cfg["accum_iter"]
     n_iter = len(loader)
-    use_autocast = device.type == "cuda"  # bf16 on CUDA; fp32 on CPU, where bf16 is slower
     loss_sum, skipped, seen = 0.0, 0, 0
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
@@ -63,7 +67,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         # skip the DDP gradient all-reduce on accumulation steps that do not step the optimizer
         sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            with autocast(device):
                 loss = model(imgs).loss
             loss_value = loss.item()
             if not math.isfinite(loss_value):

@@ -1,6 +1,6 @@
 """The pretraining run: data, model, optimizer, epochs, checkpoints, logs and figures.
 
-`run(cfg)` is what `tools/pretrain.py` calls, one process per device under torchrun.
+`run(cfg)` is what `tools/main_pretrain.py` calls, one process per device under torchrun.
 """
 from __future__ import annotations
 
@@ -14,21 +14,25 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import LAST, load_checkpoint, load_model_weights, make_checkpoint, resolve_resume, save_atomic
-from .config import resolve_lr
+from .config import create_model, resolve_lr
 from .data import BuiltinImages, RobustImageFolder, build_dataset, eval_transform
-from .distributed import cleanup, init_distributed, is_main_process
+from .distributed import cleanup, init_distributed, resolve_device
 from .engine import NonFiniteLossError, train_one_epoch
-from .models import build_model
+from .errors import CheckpointError, DataError, UserError
+from .optim import build_optimizer
 from .visualize import reconstruction_panels, save_reconstruction_grid
 
 logger = logging.getLogger("pretrain")
 N_VIS = 4  # images in each reconstruction grid
+
+
+class TrainingDiverged(UserError):
+    """The loss became non-finite; the message names the checkpoint that was kept."""
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -38,26 +42,6 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
-def create_model(cfg: dict[str, Any]) -> torch.nn.Module:
-    """Build the registered model the config names, with its masking settings."""
-    overrides: dict[str, Any] = {**cfg.get("model_kwargs", {}), "img_size": cfg["input_size"], "norm_pix_loss": cfg["norm_pix_loss"],
-                                 "mask_ratio": cfg["mask_ratio"]}
-    if cfg["decoder_depth"] is not None:
-        overrides["decoder_depth"] = cfg["decoder_depth"]
-    model = build_model(cfg["model"], **overrides)
-    if hasattr(model, "prediction_ratio") and cfg["model"].startswith("crossmae"):
-        model.prediction_ratio = cfg["prediction_ratio"]
-    return model
 
 
 def _vis_images(cfg: dict[str, Any], dataset, device: torch.device) -> torch.Tensor:
@@ -73,7 +57,7 @@ def _vis_images(cfg: dict[str, Any], dataset, device: torch.device) -> torch.Ten
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train as configured; returns {"epochs": [per-epoch stats], "output_dir": ...}."""
-    device = pick_device(cfg["device"])
+    device = resolve_device(cfg["device"])
     rank, world = init_distributed(device)
     out = Path(cfg["output_dir"])
     try:
@@ -87,7 +71,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"])
     per_epoch = len(dataset) // (cfg["batch_size"] * world)
     if per_epoch < 1:
-        raise SystemExit(f"error: {len(dataset)} images are fewer than one batch ({cfg['batch_size']} x {world} "
+        raise DataError(f"{len(dataset)} images are fewer than one batch ({cfg['batch_size']} x {world} "
                          "processes); lower --batch_size or add data")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
@@ -98,11 +82,8 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     peak_lr = resolve_lr(cfg, world)
     resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world,
                 "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world}
-    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
-    # weight decay 0 on norms, biases (1-D) and the tokens / position embeddings
     # the fused CUDA kernel computes the same update in one launch per step
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg["weight_decay"], no_decay),
-                                  lr=peak_lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = build_optimizer(model, peak_lr, cfg["weight_decay"], fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the format
 
     start_epoch = 0
@@ -110,8 +91,8 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     if resume is not None:
         ckpt = load_checkpoint(resume)
         if ckpt.get("config", {}).get("model") not in (None, cfg["model"]):
-            raise SystemExit(f"error: {resume} was trained as {ckpt['config']['model']}, not --model {cfg['model']}")
-        load_model_weights(model, ckpt["model"])
+            raise CheckpointError(f"{resume} was trained as {ckpt['config']['model']}, not --model {cfg['model']}")
+        load_model_weights(model, ckpt["model"], source=str(resume))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"]) + 1
@@ -142,7 +123,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
         except NonFiniteLossError as e:
             last = out / LAST
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise SystemExit(f"error: {e}; stopping, {kept}; lower --blr or check the data") from None
+            raise TrainingDiverged(f"{e}; stopping, {kept}; lower --blr or check the data") from None
         stats = {"epoch": epoch, **stats}
         history.append(stats)
         if main:

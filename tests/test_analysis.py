@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import Block
 
-from pretrain.analysis import (CLS, MASK, VISIBLE, AttentionMass, Builtin, attention_mass_rows,
-                               attention_output, attention_probabilities, decoder_token_groups,
-                               feature_weights, load_pretrain_model, mae_attention_mass, mask_noise)
-from pretrain.config import DEFAULTS
-from pretrain.data import render_builtin_image
+from pretrain import cli
+from pretrain.attention import (CLS, MASK, VISIBLE, AttentionMass, attention_mass_rows, attention_output,
+                                attention_probabilities, decoder_token_groups, feature_weights, mae_attention_mass)
+from pretrain.config import DEFAULTS, create_model
+from pretrain.data import Builtin, mask_noise, render_builtin_image
+from pretrain.errors import CheckpointError
 from pretrain.models import CrossMAE, build_model
-from pretrain.trainer import create_model
-from tools import analyze_attention, visualize
+from pretrain.weights import load_pretrain_model
 
 TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2)
 L = 16  # (32 / 8) ** 2 patches; 4 visible at mask ratio 0.75
@@ -181,10 +181,10 @@ def test_released_checkpoint_architecture_is_inferred(tmp_path, name, kw):
 def test_unknown_width_needs_model_flag(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save({"model": tiny("mae_vit_tiny_patch16").state_dict()}, path)  # width 32: no registered size
-    with pytest.raises(SystemExit, match="pass --model NAME") as e:
+    with pytest.raises(CheckpointError, match="pass --model NAME") as e:
         load_pretrain_model(path)
     assert "\n" not in str(e.value)
-    with pytest.raises(SystemExit, match="is not a mae model"):
+    with pytest.raises(CheckpointError, match="is not a mae model"):
         load_pretrain_model(path, model_name="crossmae_vit_tiny_patch16")
 
 
@@ -207,16 +207,16 @@ def _wrong_kind(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, message", [
     ("detectron2", "detectron2"),
     ("encoder_only", "encoder only"),
-    ("not_a_checkpoint", "cannot read checkpoint"),
+    ("not_a_checkpoint", "not a torch checkpoint"),
     ("tensor", "not a checkpoint dict"),
     ("missing", "not found"),
 ])
-@pytest.mark.parametrize("tool", [visualize, analyze_attention])
-def test_wrong_kind_of_file_is_a_one_line_error(tmp_path, kind, message, tool):
+@pytest.mark.parametrize("tool", [cli.visualize, cli.analyze_attention])
+def test_wrong_kind_of_file_is_a_one_line_error(tmp_path, kind, message, tool, capsys):
     path = _wrong_kind(tmp_path, kind)
-    with pytest.raises(SystemExit) as e:
-        tool.main([str(path), "--builtin", "1", "--output", str(tmp_path / "out"), "--device", "cpu"])
-    assert message in str(e.value) and "\n" not in str(e.value)
+    assert tool([str(path), "--builtin", "1", "--output", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------ the tools
@@ -231,8 +231,9 @@ def test_visualize_writes_reproducible_grids(tmp_path):
     ckpt = save_ours(tmp_path / "mae.pth", "mae_vit_tiny_patch16")
 
     def run(out: str, seed: int) -> list[Path]:
-        return visualize.main([str(ckpt), "--builtin", "3", "--batch_size", "2", "--seed", str(seed),
-                               "--output", str(tmp_path / out), "--device", "cpu"])
+        assert cli.visualize([str(ckpt), "--builtin", "3", "--batch_size", "2", "--seed", str(seed),
+                              "--output", str(tmp_path / out), "--device", "cpu"]) == 0
+        return sorted((tmp_path / out).glob("recon_*.png"))
 
     a, b, c = run("a", 0), run("b", 0), run("c", 1)
     assert [p.name for p in a] == ["recon_00000.png", "recon_00002.png"]
@@ -249,19 +250,21 @@ def test_visualize_reads_a_folder_and_skips_unreadable_files(tmp_path, capsys):
         Image.fromarray(render_builtin_image(i, 40)).save(folder / f"im{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
     ckpt = save_ours(tmp_path / "cross.pth", "crossmae_vit_tiny_patch16")
-    written = visualize.main([str(ckpt), str(tmp_path / "imgs"), "--output", str(tmp_path / "out"),
-                              "--device", "cpu", "--prediction_ratio", "0.25"])
+    assert cli.visualize([str(ckpt), str(tmp_path / "imgs"), "--output", str(tmp_path / "out"),
+                          "--device", "cpu", "--prediction_ratio", "0.25"]) == 0
+    written = list((tmp_path / "out").glob("recon_*.png"))
     assert len(written) == 1 and written[0].is_file()
     out = capsys.readouterr().out
     assert "skipped unreadable image" in out and "broken.jpg" in out and "2 images" in out
-    with pytest.raises(SystemExit, match="does not exist"):
-        visualize.main([str(ckpt), str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+    assert cli.visualize([str(ckpt), str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_analyze_attention_mae_writes_the_table(tmp_path):
     ckpt = save_ours(tmp_path / "mae.pth", "mae_vit_tiny_patch16")
-    out = analyze_attention.main([str(ckpt), "--builtin", "5", "--batch_size", "2", "--seed", "4",
-                                  "--output", str(tmp_path / "att"), "--device", "cpu"])
+    out = tmp_path / "att"
+    assert cli.analyze_attention([str(ckpt), "--builtin", "5", "--batch_size", "2", "--seed", "4",
+                                  "--output", str(out), "--device", "cpu"]) == 0
     for suffix in ("md", "csv", "json", "png"):
         assert (out / f"attention.{suffix}").is_file(), suffix
     result = json.loads((out / "attention.json").read_text())
@@ -283,7 +286,8 @@ def test_analyze_attention_mae_writes_the_table(tmp_path):
 
 def test_analyze_attention_crossmae_reports_feature_weights(tmp_path, capsys):
     ckpt = save_ours(tmp_path / "cross.pth", "crossmae_vit_tiny_patch16", seed=3)
-    out = analyze_attention.main([str(ckpt), "--output", str(tmp_path / "att"), "--device", "cpu"])
+    out = tmp_path / "att"
+    assert cli.analyze_attention([str(ckpt), "--output", str(out), "--device", "cpu"]) == 0
     assert "no self-attention between mask tokens" in capsys.readouterr().out
     assert (out / "feature_weights.png").is_file() and (out / "feature_weights.md").is_file()
     with open(out / "feature_weights.csv") as f:

@@ -10,9 +10,10 @@ from timm.models.vision_transformer import VisionTransformer
 import detection  # noqa: F401  (makes detectron2 v0.6 importable)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detection.checkpoint import convert_state_dict, encoder_shape, extract_state_dict
+from detection.cli import convert as convert_main
+from detection.convert import to_vitdet
 from detection.vit import SimpleFeaturePyramid, ViT
-from tools.convert_pretrain_to_d2 import main as convert_main
+from pretrain.weights import encoder_shape, state_dict_of
 
 D, DEPTH, PATCH = 16, 2, 16
 
@@ -43,7 +44,7 @@ class _Detector(nn.Module):
 
 def test_convert_pretraining_checkpoint_keys_and_values():
     ckpt = _pretrain_checkpoint()
-    new_sd, used, ignored = convert_state_dict(extract_state_dict(ckpt), embed_dim=D, depth=DEPTH, patch_size=PATCH,
+    new_sd, used, ignored = to_vitdet(state_dict_of(ckpt), embed_dim=D, depth=DEPTH, patch_size=PATCH,
                                                pretrain_img_size=224)
     src = ckpt["model"]
     assert set(used) | set(ignored) == set(src) and not set(used) & set(ignored)
@@ -78,28 +79,31 @@ def test_cli_output_loads_into_detectron2(tmp_path, capsys):
     assert torch.equal(model.backbone.net.pos_embed, ckpt["model"]["module.pos_embed"])
 
     before = out.read_bytes()
-    with pytest.raises(SystemExit):  # OUT exists: refuse without --overwrite
-        convert_main([str(src), str(out), "--embed-dim", str(D), "--depth", str(DEPTH), "--patch-size", str(PATCH)])
+    capsys.readouterr()
+    # OUT exists: refuse without --overwrite
+    assert convert_main([str(src), str(out), "--embed-dim", str(D), "--depth", str(DEPTH),
+                         "--patch-size", str(PATCH)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
 
 
 def test_refuses_encoder_of_another_size(tmp_path, capsys):
     large = _pretrain_checkpoint(embed_dim=24, depth=3)
     with pytest.raises(ValueError, match="embed_dim=24, depth=3.*embed_dim=16, depth=2"):
-        convert_state_dict(extract_state_dict(large), embed_dim=D, depth=DEPTH, patch_size=PATCH)
+        to_vitdet(state_dict_of(large), embed_dim=D, depth=DEPTH, patch_size=PATCH)
     src, out = tmp_path / "large.pth", tmp_path / "d2.pth"
     torch.save(large, src)
     assert convert_main([str(src), str(out), "--embed-dim", str(D), "--depth", str(DEPTH),
-                         "--patch-size", str(PATCH)]) == 1
+                         "--patch-size", str(PATCH)]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not match the target config" in err and len(err.splitlines()) == 1
     assert not out.exists()
     with pytest.raises(ValueError, match="patch_size=16.*patch_size=14"):
-        convert_state_dict(extract_state_dict(large), patch_size=14)
+        to_vitdet(state_dict_of(large), patch_size=14)
     with pytest.raises(ValueError, match="pretrain_img_size"):
-        convert_state_dict(extract_state_dict(large), pretrain_img_size=448)
+        to_vitdet(state_dict_of(large), pretrain_img_size=448)
     with pytest.raises(ValueError, match="patch_embed"):
-        convert_state_dict({"decoder_embed.weight": torch.zeros(2, 2)})
+        to_vitdet({"decoder_embed.weight": torch.zeros(2, 2)})
 
 
 def test_encoder_shape():
@@ -110,7 +114,7 @@ def test_bare_timm_state_dict_without_cls_slot_gives_timm_features(tmp_path):
     enc = _encoder(class_token=False, global_pool="avg")  # pos_embed (1, 196, D): a cls slot is added
     sd = enc.state_dict()
     assert sd["pos_embed"].shape == (1, 196, D)
-    new_sd, used, ignored = convert_state_dict(sd, embed_dim=D, depth=DEPTH, patch_size=PATCH)
+    new_sd, used, ignored = to_vitdet(sd, embed_dim=D, depth=DEPTH, patch_size=PATCH)
     assert new_sd["backbone.net.pos_embed"].shape == (1, 197, D)
     assert {"fc_norm.weight", "fc_norm.bias"} <= set(ignored)  # avg-pool timm models norm after pooling
     vit = ViT(img_size=224, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=2, mlp_ratio=2.0,
@@ -130,7 +134,7 @@ def test_config_flag_reads_lazyconfig(tmp_path):
                    " 'pretrain_img_size': 224}}})\n")
     src, out = tmp_path / "pretrain.pth", tmp_path / "d2.pth"
     torch.save(_pretrain_checkpoint(), src)
-    assert convert_main([str(src), str(out), "--config", str(cfg)]) == 1  # ViT with D=16 into a D=24 config
+    assert convert_main([str(src), str(out), "--config", str(cfg)]) == 2  # ViT with D=16 into a D=24 config
     torch.save(_pretrain_checkpoint(embed_dim=24, depth=3), src)
     assert convert_main([str(src), str(out), "--config", str(cfg)]) == 0
     assert torch.load(out, weights_only=True)["model"]["backbone.net.patch_embed.proj.weight"].shape[0] == 24
@@ -140,6 +144,6 @@ def test_pickled_objects_need_trust_flag(tmp_path, capsys):
     src, out = tmp_path / "released.pth", tmp_path / "d2.pth"
     torch.save({**_pretrain_checkpoint(), "args": argparse.Namespace(lr=1e-3)}, src)  # as MAE's main_pretrain saves
     flags = [str(src), str(out), "--embed-dim", str(D), "--depth", str(DEPTH), "--patch-size", str(PATCH)]
-    assert convert_main(flags) == 1
+    assert convert_main(flags) == 2
     assert "--trust-pickle" in capsys.readouterr().err and not out.exists()
     assert convert_main(flags + ["--trust-pickle"]) == 0 and out.exists()

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 
 import detection  # noqa: F401  (compat layer before detectron2)
+from pretrain.data import render_builtin_image
+from pretrain.errors import DataError
+from pretrain.synthetic import render_shapes_image, shapes_rng
 from detection.datasets import (
     SHAPE_CATEGORIES,
     BitmaskDatasetMapper,
-    builtin_images,
     build_builtin_shapes,
     check_dataset,
     register_builtin_shapes,
@@ -81,12 +84,16 @@ def test_train_and_val_are_disjoint(shapes):
     assert len(train_jpgs) == 6 and len(val_jpgs) == 3 and not train_jpgs & val_jpgs
 
 
-def test_builtin_images_are_deterministic_rgb():
-    a, b = list(builtin_images(2, size=48, seed=3)), list(builtin_images(2, size=48, seed=3))
-    assert a[0].shape == (48, 48, 3) and a[0].dtype == np.uint8
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not np.array_equal(a[0], a[1])
-    assert not np.array_equal(a[0], next(builtin_images(1, size=48, seed=4)))
+def test_pretraining_images_come_from_the_same_renderer_on_another_stream(shapes):
+    # one renderer for both packages; pretraining's built-in images never repeat a detection image
+    a = [render_builtin_image(i, size=64, seed=0) for i in range(2)]
+    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8
+    assert np.array_equal(a[0], render_shapes_image(shapes_rng(0, "pretrain", 0), 64)[0])
+    assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[0], render_builtin_image(0, size=64, seed=4))
+    train0 = render_shapes_image(shapes_rng(0, "train", 0), 64)[0]
+    written = np.asarray(Image.open(shapes / "train" / "000000.jpg").convert("RGB")).astype(float)
+    # the written split is that stream, up to JPEG (which smooths the pixel noise): ~9 grey levels off, not ~60
+    assert np.abs(written - train0).mean() < 15 and np.abs(written - a[0]).mean() > 40
 
 
 def test_registered_builtin_set_is_rendered_once_and_loads(tmp_path):
@@ -105,7 +112,7 @@ def test_registered_builtin_set_is_rendered_once_and_loads(tmp_path):
     # same parameters: a no-op; other parameters under the same names: refused
     assert register_builtin_shapes(prefix="test_shapes_reg", num_train=3, num_val=2, image_size=48,
                                    root=tmp_path) == (train, val)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(DataError, match="already registered"):
         register_builtin_shapes(prefix="test_shapes_reg", num_train=4, num_val=2, image_size=48, root=tmp_path)
 
 
@@ -116,19 +123,19 @@ def test_missing_coco_json_names_the_path_and_the_variable(tmp_path):
     json_file = tmp_path / "coco" / "annotations" / "instances_val2017.json"
     DatasetCatalog.register("coco_test_missing", lambda: [])
     MetadataCatalog.get("coco_test_missing").set(json_file=str(json_file), image_root=str(tmp_path))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataError) as err:
         check_dataset("coco_test_missing")
     message = str(err.value)
     assert str(json_file) in message and "DETECTRON2_DATASETS" in message and "\n" not in message
 
 
 def test_register_coco_json_refuses_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.json")):
+    with pytest.raises(DataError, match=str(tmp_path / "nope.json")):
         register_coco_json("test_missing_json", tmp_path / "nope.json", tmp_path)
     (tmp_path / "a.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="image folder"):
+    with pytest.raises(DataError, match="image folder"):
         register_coco_json("test_missing_root", tmp_path / "a.json", tmp_path / "images")
-    with pytest.raises(KeyError, match="not registered"):
+    with pytest.raises(DataError, match="not registered"):
         check_dataset("test_never_registered")
 
 

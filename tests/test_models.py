@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pretrain.models import MAE, CrossMAE, build_model, list_models, register_model
+from pretrain.models import MAE, CrossMAE, build_model, list_models, model_info, register_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
             decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2)
@@ -211,8 +211,23 @@ def test_bad_ratios_and_noise_are_refused():
         mae.prediction_ratio = 0.5
 
 
-def test_no_weight_decay_names_tokens_and_position_embeddings():
-    assert _tiny(CrossMAE).no_weight_decay() == {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
+@pytest.mark.parametrize("cls", [MAE, CrossMAE])
+def test_weight_decay_groups_follow_the_official_trainers(cls):
+    # MAE's and CrossMAE's main_pretrain: timm 0.3.2's add_weight_decay(model, wd) with no skip list, i.e. no
+    # decay exactly on 1-D parameters and biases; frozen parameters (the sin-cos embeddings) are left out
+    from pretrain.optim import build_optimizer
+
+    model = _tiny(cls)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {name_of[id(p)] for p in g["params"]} for g in build_optimizer(model, 1e-3, 0.05)
+              .param_groups}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert groups[0.0] == {n for n, p in trainable if p.ndim == 1 or n.endswith(".bias")}
+    assert groups[0.05] == {n for n, p in trainable if p.ndim > 1 and not n.endswith(".bias")}
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight"} <= groups[0.05]
+    assert "pos_embed" not in groups[0.0] | groups[0.05] and "norm1.weight" not in str(groups[0.05])
+    if cls is CrossMAE:
+        assert "wfm.linear.weight" in groups[0.05]
 
 
 def test_registry_refuses_duplicates_and_unknown_names():
@@ -221,8 +236,21 @@ def test_registry_refuses_duplicates_and_unknown_names():
     expected |= {"mae_vit_huge_patch14", "crossmae_vit_huge_patch14"}
     assert set(list_models()) == expected
     with pytest.raises(ValueError, match="already registered"):
-        register_model("mae_vit_base_patch16")(lambda **kw: None)
+        register_model("mae_vit_base_patch16", "mae", "base")(lambda **kw: None)
+    with pytest.raises(ValueError, match="family"):
+        register_model("vit_other", "dino", "base")
     assert isinstance(build_model("mae_vit_base_patch16", **TINY), MAE)
     with pytest.raises(ValueError, match="crossmae_vit_base_patch16"):
         build_model("mae_vit_gigantic_patch16")
     assert build_model("crossmae_vit_small_patch16", **TINY, mask_ratio=0.5).mask_ratio == 0.5
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_registry_metadata_describes_what_the_builder_builds(name):
+    info = model_info(name)
+    model = build_model(name, depth=1, decoder_depth=1)  # one block each: the widths are what is checked
+    assert isinstance(model, {"mae": MAE, "crossmae": CrossMAE}[info.family])
+    assert model.patch_embed.proj.weight.shape[0] == {"tiny": 192, "small": 384, "base": 768, "large": 1024,
+                                                       "huge": 1280}[info.size]
+    assert model.patch_embed.patch_size[0] == info.patch_size
+    assert name in list_models(info.family, info.size)

@@ -12,10 +12,11 @@ import yaml
 from PIL import Image
 
 from pretrain import checkpoint as ckpt_mod
-from pretrain.config import DEFAULTS, load_config, resolve_lr
+from pretrain.config import DEFAULTS, create_model, load_config, resolve_lr
 from pretrain.data import build_dataset, render_builtin_image
 from pretrain.engine import lr_at
-from pretrain.trainer import create_model, run
+from pretrain.errors import ConfigError, DataError
+from pretrain.trainer import TrainingDiverged, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
@@ -51,7 +52,7 @@ def test_flags_override_recipe_and_alias(tmp_path):
     (["--config", "nope.yaml"], "nope.yaml not found"),
 ])
 def test_bad_config_is_a_one_line_error(argv, message):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError) as e:
         load_config(argv)
     assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -60,6 +61,34 @@ def test_shipped_recipes_load():
     for recipe in sorted((ROOT / "configs" / "pretrain").glob("*.yaml")):
         cfg = load_config(["--config", str(recipe), "--data_path", "builtin"])
         assert cfg["model"].split("_")[0] in ("mae", "crossmae"), recipe
+
+
+def test_recipe_base_merges_and_refuses_cycles(tmp_path):
+    (tmp_path / "common.yaml").write_text(yaml.safe_dump({"epochs": 800, "blr": 1.5e-4, "batch_size": 512}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "common.yaml", "model": "mae_vit_base_patch16",
+                                                         "epochs": 400, "warmup_epochs": 20}))
+    cfg = load_config(["--config", str(tmp_path / "child.yaml")])
+    assert (cfg["epochs"], cfg["blr"], cfg["batch_size"], cfg["model"]) == (400, 1.5e-4, 512, "mae_vit_base_patch16")
+    assert "base" not in cfg
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_config(["--config", str(tmp_path / "a.yaml")])
+    (tmp_path / "typo.yaml").write_text("base: common.yaml\nepochz: 3\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['epochz'\\]"):
+        load_config(["--config", str(tmp_path / "typo.yaml")])
+
+
+def test_crossmae_recipes_are_deltas_over_the_base_recipe():
+    # the released ViT-S/L/H runs share everything with ViT-B but the encoder
+    def load(size: str) -> dict:
+        return load_config(["--config", str(ROOT / f"configs/pretrain/crossmae_vit_{size}_800ep.yaml"),
+                            "--data_path", "/data/imagenet"])
+
+    base = load("base")
+    for size in ("small", "large", "huge"):
+        other = load(size)
+        assert {k for k in base if base[k] != other[k]} == {"model", "recipe"}, size
 
 
 def test_lr_rule():
@@ -91,13 +120,13 @@ def test_builtin_images_are_deterministic():
 
 
 def test_data_errors(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         build_dataset(str(tmp_path / "missing"), 32)
     (tmp_path / "flat").mkdir()
-    with pytest.raises(SystemExit, match="train/<class>/<image>"):
+    with pytest.raises(DataError, match="train/<class>/<image>"):
         build_dataset(str(tmp_path / "flat"), 32)
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no images under"):
+    with pytest.raises(DataError, match="no images under"):
         build_dataset(str(tmp_path / "empty"), 32)
 
 
@@ -170,7 +199,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(trainer, "create_model", nan_model)
-    with pytest.raises(SystemExit, match="loss is nan at epoch 1.*last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1.*last good checkpoint"):
         run({**cfg, "epochs": 2, "resume": "auto"})
     after = torch.load(Path(cfg["output_dir"]) / "checkpoint-last.pth", weights_only=True)
     assert after["epoch"] == good["epoch"] == 0
@@ -185,7 +214,7 @@ def test_two_process_gloo_ddp(tmp_path):
                                                            "num_workers", "output_dir", "device", "seed")}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(ROOT / "tools" / "pretrain.py"), "--config", str(recipe)],
+                           "--master_port", "29517", str(ROOT / "tools" / "main_pretrain.py"), "--config", str(recipe)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resolved = yaml.safe_load((out / "config.yaml").read_text())

@@ -1,26 +1,26 @@
 """tools/train_net.py end to end on CPU with the smoke config, its error messages, and the COCO recipes."""
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import detection  # noqa: F401  (compat layer before detectron2)
+from detection import train
+from detection.cli import train_net as train_net_cli
+from detection.cli import train_net_parser
 from detectron2.config import LazyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
-_spec = importlib.util.spec_from_file_location("train_net", ROOT / "tools" / "train_net.py")
-train_net = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_net)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two Mask R-CNN iterations plus the final COCO evaluation, as `tools/train_net.py` runs them."""
     out = tmp_path_factory.mktemp("train_net") / "out"
-    train_net.main(train_net.build_parser().parse_args(["--config-file", SMOKE, f"train.output_dir={out}"]))
+    train.main(train_net_parser().parse_args(["--config-file", SMOKE, f"train.output_dir={out}"]))
     return out
 
 
@@ -45,10 +45,10 @@ def test_ap_json_has_box_and_mask_ap(trained):
 
 
 def test_eval_only_reproduces_the_final_evaluation(trained, tmp_path):
-    args = train_net.build_parser().parse_args(
+    args = train_net_parser().parse_args(
         ["--config-file", SMOKE, "--eval-only", f"train.output_dir={tmp_path}",
          f"train.init_checkpoint={trained / 'model_final.pth'}"])
-    results = train_net.main(args)
+    results = train.main(args)
     saved = json.loads((trained / "ap.json").read_text())
     assert json.loads((tmp_path / "ap.json").read_text())["bbox"] == saved["bbox"]
     assert results["segm"]["AP"] == pytest.approx(saved["segm"]["AP"])
@@ -60,10 +60,8 @@ def test_eval_only_reproduces_the_final_evaluation(trained, tmp_path):
     ("dataloader.train.dataset.names=nowhere_train", "'nowhere_train' is not registered"),
 ])
 def test_cli_errors_are_one_line(override, expected, capsys, monkeypatch):
-    monkeypatch.setattr(train_net.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exit_:
-        train_net.cli(["--config-file", SMOKE, override])
-    assert exit_.value.code == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_net_cli(["--config-file", SMOKE, override]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
 
@@ -92,9 +90,9 @@ def test_coco_configs_follow_the_vitdet_recipe(arch, size, dim, depth, heads, dr
     sched = cfg.lr_multiplier
     assert list(sched.scheduler.milestones) == [163889, 177546] and sched.scheduler.num_updates == 184375
     assert sched.warmup_length * 184375 == pytest.approx(250)
-    train = cfg.dataloader.train
-    assert train.total_batch_size == 64 and train.dataset.names == "coco_2017_train"
-    resize, crop = train.mapper.augmentations[1:]
+    loader = cfg.dataloader.train
+    assert loader.total_batch_size == 64 and loader.dataset.names == "coco_2017_train"
+    resize, crop = loader.mapper.augmentations[1:]
     assert (resize.min_scale, resize.max_scale, resize.target_height, crop.crop_size, crop.pad) == (
         0.1, 2.0, 1024, [1024, 1024], True)
     assert cfg.dataloader.test.dataset.names == "coco_2017_val"
@@ -127,5 +125,5 @@ def test_coco_config_builds_a_vitdet_b_mask_rcnn_with_layer_decay():
 
 def test_polygon_crops_need_shapely_and_the_demo_mapper_does_not():
     demo = LazyConfig.load(str(ROOT / "configs/demo/mask_rcnn_vit_tiny_builtin.py"))
-    assert train_net._mapper_crops_polygons(_coco("mask_rcnn_vitdet_b_100ep").dataloader.train.mapper)
-    assert not train_net._mapper_crops_polygons(demo.dataloader.train.mapper)
+    assert train._mapper_crops_polygons(_coco("mask_rcnn_vitdet_b_100ep").dataloader.train.mapper)
+    assert not train._mapper_crops_polygons(demo.dataloader.train.mapper)

@@ -56,6 +56,18 @@ def test_pyramid_shapes_strides_channels(hw):
         assert out[name].shape == (1, 8, *expected), name
 
 
+@pytest.mark.parametrize("kw", [{}, dict(residual_block_indexes=(1,)), dict(use_act_checkpoint=True)])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_every_parameter_of_the_backbone_gets_a_gradient(kw, attn_impl):
+    # rel_pos tables start at zero and the residual branch's last norm too: move them off, as training would
+    torch.manual_seed(0)
+    model = _randomize(_pyramid(attn_impl=attn_impl, **kw)).train()
+    out = model(torch.randn(2, 3, 64, 96))
+    sum(v.square().mean() for v in out.values()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
 def test_state_dict_keys_match_vitdet_layout():
     keys = set(_pyramid(residual_block_indexes=(1,)).state_dict())
     assert {"net.pos_embed", "net.patch_embed.proj.weight", "net.blocks.0.attn.rel_pos_h",

@@ -1,42 +1,11 @@
-"""Check that the installed stack can run the project; one line on stdout, or one error line.
+#!/usr/bin/env python
+"""Check that the installed stack can run the project (run by set-up; make check).
 
-Run by tools/setup_env.sh at the end of set-up; `make check` runs it again.
+    .venv/bin/python tools/check_env.py
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-FIX = "delete .venv and rerun 'make test' (set-up rebuilds it), or see README 'Set-up'"
-
-
-def main() -> None:
-    try:
-        import torch
-        import torchvision
-    except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
-        sys.exit(f"check: torch/torchvision do not import ({type(e).__name__}: {e}); {FIX}")
-    try:
-        boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], dtype=torch.float)
-        keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist()
-        if keep != [0, 2]:
-            raise RuntimeError(f"nms returned {keep}, expected [0, 2]")
-    except Exception as e:  # noqa: BLE001
-        sys.exit(f"check: torchvision.ops.nms fails with torch {torch.__version__} and torchvision "
-                 f"{torchvision.__version__} ({type(e).__name__}: {e}): they are not matching registry builds; {FIX}")
-    try:
-        import detection  # applies the v0.6 compatibility layer when needed
-        import detectron2
-        from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: F401
-        from detectron2.modeling.roi_heads import StandardROIHeads  # noqa: F401
-        from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead  # noqa: F401
-        from detectron2.evaluation import COCOEvaluator  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        sys.exit(f"check: detectron2's Mask R-CNN modules do not import ({type(e).__name__}: {e}); {FIX}")
-    build = "full build" if detection.compat.HAS_EXTENSION else "Python-only v0.6 with detection/compat.py"
-    print(f"environment ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"detectron2 {detectron2.__version__} ({build})")
-
+from workflows.cli import check_env
 
 if __name__ == "__main__":
-    main()
+    sys.exit(check_env())

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Create or reuse the project's virtual environment, then check that it works.
+# Create or reuse the project's environment, install this clone into it, then check that it works.
 #
-# The environment lives in a cache outside the clone, keyed on requirements.txt (plus the
-# Python version and D2_SOURCE), and .venv is a link to it: a second run, or a fresh clone
-# on a machine that already built it, installs nothing.
+# Two layers:
+#   - the pinned stack (requirements.txt, detectron2) is built once into a cache outside the clone,
+#     keyed on requirements.txt, the Python version and D2_SOURCE: a second run, or a fresh clone on a
+#     machine that already built it, downloads nothing;
+#   - .venv is this clone's own small virtual environment: it sees the cached stack's site-packages
+#     (through a .pth file) and holds an editable install of this clone (`pip install -e .`), so two
+#     clones sharing the cache never run each other's code.
 #
 #   CROSSMAE_CACHE  where environments and downloads are kept (default ~/.cache/crossmae-vitdet)
 #   D2_SOURCE       what to install detectron2 from, e.g. a detectron2 source checkout or
@@ -13,7 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SETUP_VERSION=1  # bump when this script's install steps change
+SETUP_VERSION=1  # bump when the cached stack's install steps change
+LAYER_VERSION=1  # bump when the per-clone layer's steps change
 PYTHON=${PYTHON:-python3}
 CACHE=${CROSSMAE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/crossmae-vitdet}
 D2_SOURCE=${D2_SOURCE:-}
@@ -24,30 +29,28 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
 fi
 key=$( { echo "$SETUP_VERSION"; cat requirements.txt; echo "$D2_SOURCE"; "$PYTHON" -c 'import sys; print(sys.version)'; } \
   | sha256sum | cut -c1-16)
-VENV="$CACHE/venv-$key"
+BASE="$CACHE/venv-$key"
+LAYER_STAMP=".venv/.crossmae-layer"
+stamp="$LAYER_VERSION $BASE $(sha256sum pyproject.toml | cut -c1-16) $PWD"
 
-if [ -e .venv ] && [ ! -L .venv ]; then
+if [ -e .venv ] && [ ! -L .venv ] && [ ! -f "$LAYER_STAMP" ]; then
   echo "setup: .venv is a directory this set-up did not make; move it away (mv .venv .venv.old) and rerun" >&2
   exit 1
 fi
-if [ -f "$VENV/.setup-complete" ]; then
-  if [ "$(readlink .venv 2>/dev/null)" != "$VENV" ]; then
-    ln -sfn "$VENV" .venv
-    .venv/bin/python tools/check_env.py
-  fi
-  exit 0
+if [ -f "$BASE/.setup-complete" ] && [ -f "$LAYER_STAMP" ] && [ "$(cat "$LAYER_STAMP")" = "$stamp" ]; then
+  exit 0  # nothing changed since the last set-up of this clone
 fi
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9  # one build at a time per cache
-if [ ! -f "$VENV/.setup-complete" ]; then
-  echo "setup: building the environment in $VENV (first run: downloads about 5 GB, a few minutes)"
-  rm -rf "$VENV"
-  "$PYTHON" -m venv "$VENV"
+if [ ! -f "$BASE/.setup-complete" ]; then
+  echo "setup: building the environment in $BASE (first run: downloads about 5 GB, a few minutes)"
+  rm -rf "$BASE"
+  "$PYTHON" -m venv "$BASE"
   # Ignore pip configuration files and find-links: a machine-local CPU-only torch wheel there
   # shadows the registry build, and torchvision's compiled ops do not load against it.
-  pip() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" -m pip "$@"; }
+  pip() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$BASE/bin/python" -m pip "$@"; }
   # pip 26 refuses pb1-detectron2's sdist (an extra declares a direct URL); 25.2 downloads it.
   pip install -q --disable-pip-version-check "pip==25.2"
   pip install -q -r requirements.txt
@@ -64,9 +67,20 @@ if [ ! -f "$VENV/.setup-complete" ]; then
       pip download -q --no-deps --no-build-isolation -d "$CACHE/sdist" "pb1-detectron2==0.6"
       sdist="$CACHE/sdist/pb1-detectron2-0.6.tar.gz"
     fi
-    "$VENV/bin/python" tools/install_d2_sdist.py "$sdist"
+    "$BASE/bin/python" tools/install_d2_sdist.py "$sdist"
   fi
-  "$VENV/bin/python" tools/check_env.py
-  touch "$VENV/.setup-complete"
+  touch "$BASE/.setup-complete"
 fi
-ln -sfn "$VENV" .venv
+flock -u 9
+
+# This clone's layer: a venv of the same interpreter that reads the cached stack, plus `pip install -e .`.
+rm -rf .venv
+"$BASE/bin/python" -m venv --without-pip .venv
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+base_site=$("$BASE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# addsitedir also runs the stack's own .pth files (namespace packages, setuptools' distutils shim)
+echo "import site; site.addsitedir('$base_site')" > "$site/crossmae_stack.pth"
+env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null .venv/bin/python -m pip install -q --disable-pip-version-check \
+  --no-deps --no-build-isolation --no-index -e .
+.venv/bin/python tools/check_env.py
+echo "$stamp" > "$LAYER_STAMP"

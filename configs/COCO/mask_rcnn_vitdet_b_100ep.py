@@ -1,12 +1,8 @@
 """ViTDet Mask R-CNN, ViT-B, COCO 2017: 100 epochs, LSJ at 1024 px (detectron2 projects/ViTDet, arXiv 2203.16527)."""
 from functools import partial
 
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
-from detectron2.config import LazyCall as L
-from detectron2.solver import WarmupParamScheduler
-
 from detection.layer_decay import get_vit_lr_decay_rate
+from detection.schedule import vitdet_lr_multiplier
 
 from ..common.coco_loader_lsj import dataloader
 from ..common.mask_rcnn_vitdet import model
@@ -23,16 +19,9 @@ train.max_iter = 184375
 train.eval_period = 5000
 train.checkpointer.period = 5000
 
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01],
-        # x0.1 at 184375 * 8 / 9 = 163889 (88.9 ep), x0.01 at 184375 * 26 / 27 = 177546 (96.3 ep), as ViTDet
-        milestones=[163889, 177546],
-        num_updates=train.max_iter,
-    ),
-    warmup_length=250 / train.max_iter,  # 250 iterations
-    warmup_factor=0.001,
-)
+# x0.1 at 184375 * 8 / 9 = 163889 (88.9 ep), x0.01 at 184375 * 26 / 27 = 177546 (96.3 ep), after 250 warm-up
+# iterations, as ViTDet
+lr_multiplier = vitdet_lr_multiplier(train.max_iter, warmup_iters=250)
 
 # 12 blocks; block i's LR is scaled by 0.7 ** (12 + 1 - (i + 1)), the patch embedding by 0.7 ** 13
 optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=12, lr_decay_rate=0.7)

@@ -6,13 +6,9 @@ built-in shapes: the ViTDet recipe scaled down to a CPU run of minutes.
 """
 from functools import partial
 
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
-from detectron2.config import LazyCall as L
-from detectron2.solver import WarmupParamScheduler
-
 from detection.datasets import SHAPE_CATEGORIES, BitmaskDatasetMapper, register_builtin_shapes
 from detection.layer_decay import get_vit_lr_decay_rate
+from detection.schedule import vitdet_lr_multiplier
 
 from ..common.coco_loader_lsj import dataloader, lsj_augmentations
 from ..common.mask_rcnn_vitdet import model, narrow_heads
@@ -53,7 +49,7 @@ model.proposal_generator.post_nms_topk = (200, 100)
 train.device = "cpu"
 train.output_dir = "./output/demo_vit_tiny_builtin"
 # 600 iters * 4 images/iter / 512 images/ep = ~4.7 ep (~5 min on 2 cores). A run with another
-# train.max_iter keeps these steps: tools/demo.py moves them (schedule_overrides) to 8/9 and 26/27 of its run
+# train.max_iter keeps these steps: the demo moves them (schedule_overrides) to 8/9 and 26/27 of its run
 train.max_iter = 600
 train.eval_period = 200
 train.checkpointer.period = 200
@@ -61,14 +57,7 @@ train.log_period = 20
 train.seed = 0
 
 optimizer.lr = 2e-4  # 2x ViTDet's 1e-4: a short run from few images
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01],
-        milestones=[533, 578],  # 600 * 8 / 9 and 600 * 26 / 27, rounded: ViTDet's step positions
-        num_updates=train.max_iter,
-    ),
-    warmup_length=25 / train.max_iter,  # 25 iterations
-    warmup_factor=0.001,
-)
+# steps at 600 * 8 / 9 = 533 and 600 * 26 / 27 = 578 (ViTDet's positions), after 25 warm-up iterations
+lr_multiplier = vitdet_lr_multiplier(train.max_iter, warmup_iters=25)
 # ViT-B's decay 0.7 over 12 blocks: ViT-Tiny has the same depth
 optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=12, lr_decay_rate=0.7)

@@ -2,7 +2,8 @@
 from .crossmae import CrossMAE
 from .encoder import MaskedOutput, MaskedViTEncoder
 from .mae import MAE
-from .registry import build_model, list_models, register_model
+from .registry import (FAMILIES, VIT_SIZES, ModelInfo, build_model, list_models, model_info, register_model,
+                       size_of_width)
 
-__all__ = ["CrossMAE", "MAE", "MaskedOutput", "MaskedViTEncoder", "build_model", "list_models",
-           "register_model"]
+__all__ = ["CrossMAE", "MAE", "MaskedOutput", "MaskedViTEncoder", "FAMILIES", "VIT_SIZES", "ModelInfo", "build_model",
+           "list_models", "model_info", "register_model", "size_of_width"]

@@ -89,26 +89,23 @@ class MaskedViTEncoder(nn.Module):
         return self.patch_embed.num_patches
 
     def initialize_weights(self) -> None:
-        """Official MAE init; subclasses call it once their decoder exists."""
+        """Official MAE init, in its order (so the same seed draws the same weights).
+
+        Subclasses call it once their decoder exists; both decoders define `decoder_pos_embed`
+        (1, 1 + L, decoder width) and `mask_token` (1, 1, decoder width).
+        """
         grid = self.patch_embed.grid_size
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, cls_token=True)
         self.pos_embed.data.copy_(pos_embed[None])
-        if hasattr(self, "decoder_pos_embed"):
-            self.decoder_pos_embed.data.copy_(
-                get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True)[None])
+        self.decoder_pos_embed.data.copy_(
+            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True)[None])
         # patch_embed initialised like nn.Linear rather than nn.Conv2d
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         # timm's trunc_normal_(std=.02) is effectively normal_(std=.02): the cutoff (2.) is far out
         nn.init.normal_(self.cls_token, std=0.02)
-        if hasattr(self, "mask_token"):
-            nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_module)
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of the token and position-embedding parameters, which take no weight decay."""
-        names = {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
-        return {n for n, _ in self.named_parameters() if n in names}
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C), each patch flattened in (p, p, C) order as official."""

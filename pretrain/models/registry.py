@@ -1,12 +1,14 @@
-"""Named model builders: `build_model("crossmae_vit_base_patch16", mask_ratio=0.75)`.
+"""Named model builders with their metadata: `build_model("crossmae_vit_base_patch16", mask_ratio=0.75)`.
 
-Encoders are the standard ViTs; decoders follow the released runs: 512 wide with 16 heads
-(256 / 8 for ViT-S, and 128 / 4 for ViT-Ti, which neither paper trained), 8 blocks for MAE and
-12 for CrossMAE. Every builder takes keyword overrides of any constructor argument.
+`VIT_SIZES` is the one table of ViT sizes: the standard encoders, and the decoders of the released runs:
+512 wide with 16 heads (256 / 8 for ViT-S, and 128 / 4 for ViT-Ti, which neither paper trained), 8 blocks
+for MAE and 12 for CrossMAE. Every builder takes keyword overrides of any constructor argument, and each
+registered name records its family ("mae" or "crossmae") and size, so no caller parses names.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch.nn as nn
@@ -16,100 +18,138 @@ from .mae import MAE
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+FAMILIES = ("mae", "crossmae")
+
+VIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_num_heads=4),
+    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_num_heads=8),
+    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_num_heads=16),
+    "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
+                  decoder_num_heads=16),
+    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_num_heads=16),
+}
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a registered name stands for.
+
+    Attributes:
+        name: the registered name.
+        family: "mae" or "crossmae".
+        size: a key of `VIT_SIZES`.
+        builder: the function building the model from keyword overrides.
+    """
+
+    name: str
+    family: str
+    size: str
+    builder: Callable[..., nn.Module]
+
+    @property
+    def patch_size(self) -> int:
+        return VIT_SIZES[self.size]["patch_size"]
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, family: str, size: str) -> Callable[[Builder], Builder]:
     """Decorator registering a builder under `name`; a name already taken raises ValueError."""
+    if family not in FAMILIES or size not in VIT_SIZES:
+        raise ValueError(f"register_model({name!r}): family must be one of {FAMILIES} and size one of "
+                         f"{tuple(VIT_SIZES)}, got {family!r}, {size!r}")
+
     def register(fn: Builder) -> Builder:
         if name in _MODELS:
             raise ValueError(f"model name {name!r} is already registered; pick another name")
-        _MODELS[name] = fn
+        _MODELS[name] = ModelInfo(name, family, size, fn)
         return fn
     return register
 
 
-def build_model(name: str, **overrides: Any) -> nn.Module:
-    """Build the registered model `name`, with constructor arguments in `overrides` replaced."""
+def model_info(name: str) -> ModelInfo:
+    """Metadata of a registered model; ValueError naming the known models otherwise."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _MODELS[name](**overrides)
+    return _MODELS[name]
 
 
-def list_models() -> list[str]:
-    """Registered model names, sorted."""
-    return sorted(_MODELS)
+def build_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the registered model `name`, with constructor arguments in `overrides` replaced."""
+    return model_info(name).builder(**overrides)
 
 
-_ENCODERS: dict[str, dict[str, Any]] = {
-    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                 decoder_embed_dim=128, decoder_num_heads=4),
-    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                  decoder_embed_dim=256, decoder_num_heads=8),
-    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_num_heads=16),
-    "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                  decoder_embed_dim=512, decoder_num_heads=16),
-    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                 decoder_embed_dim=512, decoder_num_heads=16),
-}
+def list_models(family: str | None = None, size: str | None = None) -> list[str]:
+    """Registered model names, sorted; optionally only those of one family and/or size."""
+    return sorted(n for n, i in _MODELS.items()
+                  if (family is None or i.family == family) and (size is None or i.size == size))
 
 
-@register_model("mae_vit_tiny_patch16")
+def size_of_width(embed_dim: int) -> str | None:
+    """The `VIT_SIZES` key whose encoder has this width, or None."""
+    return next((s for s, spec in VIT_SIZES.items() if spec["embed_dim"] == embed_dim), None)
+
+
+def _build(cls: type[nn.Module], size: str, overrides: dict[str, Any]) -> nn.Module:
+    return cls(**{**VIT_SIZES[size], **overrides})
+
+
+@register_model("mae_vit_tiny_patch16", "mae", "tiny")
 def mae_vit_tiny_patch16(**overrides: Any) -> MAE:
     """MAE, ViT-Ti/16 encoder, 128-wide 8-block decoder."""
-    return MAE(**{**_ENCODERS["tiny"], **overrides})
+    return _build(MAE, "tiny", overrides)
 
 
-@register_model("mae_vit_small_patch16")
+@register_model("mae_vit_small_patch16", "mae", "small")
 def mae_vit_small_patch16(**overrides: Any) -> MAE:
     """MAE, ViT-S/16 encoder, 256-wide 8-block decoder."""
-    return MAE(**{**_ENCODERS["small"], **overrides})
+    return _build(MAE, "small", overrides)
 
 
-@register_model("mae_vit_base_patch16")
+@register_model("mae_vit_base_patch16", "mae", "base")
 def mae_vit_base_patch16(**overrides: Any) -> MAE:
     """MAE, ViT-B/16 encoder, 512-wide 8-block decoder."""
-    return MAE(**{**_ENCODERS["base"], **overrides})
+    return _build(MAE, "base", overrides)
 
 
-@register_model("mae_vit_large_patch16")
+@register_model("mae_vit_large_patch16", "mae", "large")
 def mae_vit_large_patch16(**overrides: Any) -> MAE:
     """MAE, ViT-L/16 encoder, 512-wide 8-block decoder."""
-    return MAE(**{**_ENCODERS["large"], **overrides})
+    return _build(MAE, "large", overrides)
 
 
-@register_model("mae_vit_huge_patch14")
+@register_model("mae_vit_huge_patch14", "mae", "huge")
 def mae_vit_huge_patch14(**overrides: Any) -> MAE:
     """MAE, ViT-H/14 encoder, 512-wide 8-block decoder."""
-    return MAE(**{**_ENCODERS["huge"], **overrides})
+    return _build(MAE, "huge", overrides)
 
 
-@register_model("crossmae_vit_tiny_patch16")
+@register_model("crossmae_vit_tiny_patch16", "crossmae", "tiny")
 def crossmae_vit_tiny_patch16(**overrides: Any) -> CrossMAE:
     """CrossMAE, ViT-Ti/16 encoder, 128-wide 12-block decoder."""
-    return CrossMAE(**{**_ENCODERS["tiny"], **overrides})
+    return _build(CrossMAE, "tiny", overrides)
 
 
-@register_model("crossmae_vit_small_patch16")
+@register_model("crossmae_vit_small_patch16", "crossmae", "small")
 def crossmae_vit_small_patch16(**overrides: Any) -> CrossMAE:
     """CrossMAE, ViT-S/16 encoder, 256-wide 12-block decoder."""
-    return CrossMAE(**{**_ENCODERS["small"], **overrides})
+    return _build(CrossMAE, "small", overrides)
 
 
-@register_model("crossmae_vit_base_patch16")
+@register_model("crossmae_vit_base_patch16", "crossmae", "base")
 def crossmae_vit_base_patch16(**overrides: Any) -> CrossMAE:
     """CrossMAE, ViT-B/16 encoder, 512-wide 12-block decoder."""
-    return CrossMAE(**{**_ENCODERS["base"], **overrides})
+    return _build(CrossMAE, "base", overrides)
 
 
-@register_model("crossmae_vit_large_patch16")
+@register_model("crossmae_vit_large_patch16", "crossmae", "large")
 def crossmae_vit_large_patch16(**overrides: Any) -> CrossMAE:
     """CrossMAE, ViT-L/16 encoder, 512-wide 12-block decoder."""
-    return CrossMAE(**{**_ENCODERS["large"], **overrides})
+    return _build(CrossMAE, "large", overrides)
 
 
-@register_model("crossmae_vit_huge_patch14")
+@register_model("crossmae_vit_huge_patch14", "crossmae", "huge")
 def crossmae_vit_huge_patch14(**overrides: Any) -> CrossMAE:
     """CrossMAE, ViT-H/14 encoder, 512-wide 12-block decoder."""
-    return CrossMAE(**{**_ENCODERS["huge"], **overrides})
+    return _build(CrossMAE, "huge", overrides)

@@ -1,9 +1,9 @@
-"""Measuring training-step cost side by side: FLOPs, interleaved step times and peak memory.
+"""Measuring training-step cost: workloads, interleaved step timing, peak memory in a fresh process, FLOPs.
 
-`tools/benchmark.py` is the command line around these. A workload (a pretraining model at one
-setting, or the ViTDet backbone with one attention kernel) is a small picklable spec, so its peak
-memory can be measured in a fresh process: a process's peak RSS never goes down, and a CUDA
-allocator peak is cleanest with nothing else resident.
+A workload (a pretraining model at one setting, or the ViTDet backbone with one attention kernel) is a small
+picklable spec, so its peak memory can be measured in a fresh process: a process's peak RSS never goes down,
+and a CUDA allocator peak is cleanest with nothing else resident. `calibrate_memory` checks the instrument
+itself on the machine at hand: a known allocation must read as its size.
 """
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.optim import param_groups_weight_decay
 
-from .flops import count_flops
-from .trainer import create_model
+from detection.vit import ViT
+from pretrain.config import DEFAULTS, create_model
+from pretrain.engine import autocast
+from pretrain.flops import count_flops
+from pretrain.optim import build_optimizer
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -92,9 +93,6 @@ class ViTDetWorkload:
     uses_optimizer = False
 
     def build(self) -> nn.Module:
-        import detection  # noqa: F401  (detectron2 v0.6 compatibility layer, before detection.vit)
-        from detection.vit import ViT
-
         # the backbone of detectron2's projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py
         return ViT(img_size=self.img_size, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                    drop_path_rate=0.1, window_size=14, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
@@ -139,14 +137,11 @@ class TrainStep:
         self.optimizer = None
         if workload.uses_optimizer:
             fused = default_fused_adamw(device) if fused is None else fused
-            no_decay = set(getattr(self.model, "no_weight_decay", lambda: set())())
-            groups = param_groups_weight_decay(self.model, 0.05, no_decay)
-            self.optimizer = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=fused)
+            # the trainer's optimizer and groups; the lr value does not change the step's cost
+            self.optimizer = build_optimizer(self.model, DEFAULTS["blr"], DEFAULTS["weight_decay"], fused=fused)
 
     def __call__(self) -> None:
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else nullcontext())
-        with autocast:
+        with autocast(self.device):
             loss = self.workload.loss(self.forward, self.x)
         loss.backward()
         if self.optimizer is not None:
@@ -286,3 +281,30 @@ def peak_bf16_tflops(device: torch.device) -> float | None:
 def training_tflops(forward_gflops_fma: float, images_per_s: float) -> float:
     """Achieved training TFLOP/s: 3 x forward (backward ~ 2 x forward) x 2 FLOPs per multiply-add."""
     return 3 * 2 * forward_gflops_fma * images_per_s / 1e3
+
+
+
+
+def _allocation_child(device: str, mib: int) -> float:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        block = torch.ones(mib * 2**18, device=dev)  # 4-byte floats
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        gc.collect()
+        before = _reset_peak_rss()
+        block = torch.ones(mib * 2**18)
+        peak = _peak_rss()
+    del block
+    return (peak - before) / 2**20
+
+
+def calibrate_memory(device: torch.device, mib: int = 256) -> float:
+    """What the memory probe reads for an allocation of exactly `mib` MiB in a fresh process (MiB)."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_allocation_child, str(device), mib).result()

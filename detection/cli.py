@@ -1,0 +1,126 @@
+"""Command lines of the detection package; `tools/*.py` and the `crossmae-*` console scripts call these."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from pretrain.errors import UserError, command
+
+TRAIN_NET_EXAMPLES = """examples:
+  # built-in shapes on CPU (the dataset is rendered on first use)
+  tools/train_net.py --config-file configs/demo/mask_rcnn_vit_tiny_builtin.py
+  # COCO 2017 from $DETECTRON2_DATASETS/coco, 8 GPUs, from a converted pretraining checkpoint
+  tools/train_net.py --num-gpus 8 --config-file configs/COCO/mask_rcnn_vitdet_b_100ep.py train.init_checkpoint=vitb_d2.pth
+  # any COCO-format json + image folder
+  tools/train_net.py --config-file ... --dataset mine_train train.json imgs/ --dataset mine_val val.json imgs/ \\
+      dataloader.train.dataset.names=mine_train dataloader.test.dataset.names=mine_val model.roi_heads.num_classes=3
+  # evaluation only
+  tools/train_net.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
+
+Trailing key=value pairs override config fields. detectron2 evaluates lr_multiplier at the fraction
+iter / train.max_iter, so overriding train.max_iter stretches warmup and LR steps along with it.
+"""
+
+
+def train_net_parser() -> argparse.ArgumentParser:
+    """detectron2's standard arguments plus `--dataset NAME JSON IMAGE_ROOT`."""
+    import detection  # noqa: F401  (compat layer first)
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser(epilog=TRAIN_NET_EXAMPLES)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                        help="register a COCO-format json + image folder as NAME (repeatable)")
+    return parser
+
+
+def train_net(argv: Sequence[str] | None = None) -> int:
+    """Train and evaluate a detectron2 LazyConfig in one process per GPU (detectron2's `launch`)."""
+    from detectron2.engine import launch
+
+    from .train import main
+
+    parser = train_net_parser()
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        parser.error("--config-file is required, e.g. configs/demo/mask_rcnn_vit_tiny_builtin.py")
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def summarize(keys: list[str]) -> str:
+    """Keys with block indices folded: "blocks.*.attn.qkv.weight (x12), pos_embed"."""
+    counts = Counter(re.sub(r"^(\w*blocks)\.\d+\.", r"\1.*.", k) for k in keys)
+    return ", ".join(k if n == 1 else f"{k} (x{n})" for k, n in counts.items())
+
+
+@command
+def convert(argv: Sequence[str] | None = None) -> None:
+    """Convert an MAE / CrossMAE / timm ViT checkpoint into a detectron2 ViTDet initialisation checkpoint.
+
+    IN is a checkpoint whose "model" entry is an encoder (+ decoder) state dict with timm/MAE names, or a bare
+    timm ViT state dict. OUT holds `{"model": {"backbone.net.<key>": tensor}, "__author__": ...}`; load it with
+    `train.init_checkpoint=OUT`.
+    """
+    from .convert import convert_checkpoint, target_from_config
+
+    parser = argparse.ArgumentParser(description=convert.__doc__.split("\n")[0])
+    parser.add_argument("input", help="pretraining checkpoint (.pth or .safetensors)")
+    parser.add_argument("output", help="detectron2 checkpoint to write (.pth)")
+    parser.add_argument("--config", help="detectron2 LazyConfig .py whose model.backbone.net is the target ViT")
+    parser.add_argument("--embed-dim", type=int, help="target embed dim (without --config)")
+    parser.add_argument("--depth", type=int, help="target number of blocks (without --config)")
+    parser.add_argument("--patch-size", type=int, help="target patch size (without --config)")
+    parser.add_argument("--pretrain-img-size", type=int, help="target pretrain_img_size (without --config)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load IN with weights_only=False (only for files you trust, e.g. ones holding args)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+
+    flags = {"embed_dim": args.embed_dim, "depth": args.depth, "patch_size": args.patch_size,
+             "pretrain_img_size": args.pretrain_img_size}
+    if args.config and any(v is not None for v in flags.values()):
+        parser.error("give either --config or --embed-dim/--depth/--patch-size/--pretrain-img-size, not both")
+    if not args.config and None in (args.embed_dim, args.depth, args.patch_size):
+        parser.error("give --config, or all of --embed-dim, --depth and --patch-size, to check the encoder")
+    target = target_from_config(args.config) if args.config else flags
+    used, ignored = convert_checkpoint(args.input, args.output, target, args.trust_pickle, args.overwrite)
+    print(f"used {len(used)} keys: {summarize(used)}")
+    print(f"ignored {len(ignored)} keys: {summarize(ignored)}")
+    print(f"wrote {len(used)} tensors to {args.output}")
+
+
+@command
+def compare_backbones(argv: Sequence[str] | None = None) -> None:
+    """Compare detection AP of several tools/train_net.py runs side by side (e.g. MAE vs CrossMAE backbones).
+
+    Each DIR is a train_net output dir holding `ap.json`; the first is the baseline, and the table shows every
+    other run's delta against it.
+    """
+    from .report import ap_table, load_ap, plot_ap
+
+    p = argparse.ArgumentParser(description=compare_backbones.__doc__.split("\n")[0])
+    p.add_argument("dirs", nargs="+", help="train_net output dirs; the first is the baseline")
+    p.add_argument("--names", nargs="+", help="row labels (default: the dir names)")
+    p.add_argument("--plot", help="write a bar chart PNG here")
+    p.add_argument("--markdown", help="also write the table to this file")
+    args = p.parse_args(argv)
+    names = args.names or [Path(d).name for d in args.dirs]
+    if len(names) != len(args.dirs):
+        p.error(f"{len(names)} --names for {len(args.dirs)} dirs; give one name per dir")
+    results = [load_ap(d) for d in args.dirs]
+    table = ap_table(names, results)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.plot:
+        print(f"plot: {plot_ap(names, results, args.plot)}")

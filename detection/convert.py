@@ -1,0 +1,143 @@
+"""Hand a pretrained ViT encoder (MAE, CrossMAE or timm names) to detectron2's ViTDet: the one conversion route.
+
+ViTDet's `ViT` has the timm/MAE encoder names for `patch_embed.*`, `blocks.{i}.*` and `pos_embed` (kept at its
+pretraining size with the cls slot, `pretrain_use_cls_token=True`), but neither a cls token nor a final
+`norm`; its `rel_pos_*` tables are new and start at zero. So `to_vitdet` keeps the encoder that
+`pretrain.weights.encoder_state_dict` selects, minus `cls_token` and `norm`, under `backbone.net.`, and refuses
+an encoder whose shape differs from the target config, since detectron2 would skip mismatched tensors with
+only a warning. `convert_checkpoint` is the file-to-file route that the converter tool and the demo share.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.checkpoint import read_checkpoint, save_atomic
+from pretrain.errors import CheckpointError, ConfigError
+from pretrain.weights import encoder_shape, encoder_state_dict, state_dict_of
+
+__all__ = ["TARGET_KEYS", "to_vitdet", "to_detectron2_checkpoint", "target_from_config", "convert_checkpoint"]
+
+TARGET_KEYS = ("embed_dim", "depth", "patch_size", "pretrain_img_size")
+_NOT_IN_VITDET = ("cls_token", "norm.weight", "norm.bias")  # ViTDet's ViT has no cls token and no final norm
+
+
+def _with_cls_slot(pos_embed: torch.Tensor) -> torch.Tensor:
+    """(1, [1 +] S * S, D) -> (1, 1 + S * S, D): ViTDet configs expect the cls slot (unused, dropped at forward)."""
+    n = pos_embed.shape[1]
+    if math.isqrt(n - 1) ** 2 == n - 1:
+        return pos_embed
+    if math.isqrt(n) ** 2 == n:
+        return torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
+    raise CheckpointError(f"pos_embed has {n} slots, neither S*S nor 1+S*S; cannot map it onto a square patch grid")
+
+
+def to_vitdet(sd: Mapping[str, torch.Tensor], *, embed_dim: int | None = None, depth: int | None = None,
+              patch_size: int | None = None, pretrain_img_size: int | None = None,
+              prefix: str = "backbone.net.") -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Map a ViT state dict (timm / MAE / CrossMAE names) onto detectron2 ViTDet keys: a pure function.
+
+    Args:
+        sd: State dict with timm/MAE names (`cls_token`, `pos_embed` (1, [1 +] L, D), `patch_embed.proj.*`,
+            `blocks.{i}.*`, decoder keys...), e.g. from `pretrain.weights.state_dict_of`.
+        embed_dim: Target config's embed dim; checked when given.
+        depth: Target config's number of blocks; checked when given.
+        patch_size: Target config's patch size; checked when given.
+        pretrain_img_size: Target config's `pretrain_img_size`; checks the `pos_embed` grid when given.
+        prefix: Prefix of the ViT inside the detectron2 model.
+
+    Returns:
+        (new_sd, used, ignored): `{prefix + key: tensor}` for the kept keys, and the sorted input keys that
+        were kept and dropped.
+
+    Raises:
+        CheckpointError: No ViT encoder, or one whose shape does not match the given target values.
+    """
+    found = encoder_shape(sd)
+    wanted = {"embed_dim": embed_dim, "depth": depth, "patch_size": patch_size}
+    wrong = {k: v for k, v in wanted.items() if v is not None and found[k] != v}
+    if wrong:
+        raise CheckpointError(
+            "checkpoint encoder (" + ", ".join(f"{k}={found[k]}" for k in wrong) + ") does not match the target "
+            "config (" + ", ".join(f"{k}={v}" for k, v in wrong.items()) + "); use the config of the same ViT size")
+    encoder, _ = encoder_state_dict(sd)
+    used = sorted(k for k in encoder if k not in _NOT_IN_VITDET)
+    ignored = sorted(k for k in sd if k not in used)
+    new_sd = {prefix + k: sd[k] for k in used}
+    if "pos_embed" in sd:
+        pos_embed = _with_cls_slot(sd["pos_embed"])
+        grid = math.isqrt(pos_embed.shape[1] - 1)
+        if pretrain_img_size is not None and grid != pretrain_img_size // found["patch_size"]:
+            raise CheckpointError(f"checkpoint pos_embed is a {grid}x{grid} grid but pretrain_img_size="
+                                  f"{pretrain_img_size} with patch {found['patch_size']} wants "
+                                  f"{pretrain_img_size // found['patch_size']}; set pretrain_img_size to "
+                                  f"{grid * found['patch_size']}")
+        new_sd[prefix + "pos_embed"] = pos_embed
+    return new_sd, used, ignored
+
+
+def to_detectron2_checkpoint(new_sd: Mapping[str, torch.Tensor], source: str = "") -> dict[str, Any]:
+    """Wrap converted weights as a native detectron2 .pth checkpoint (`DetectionCheckpointer` loads it by name).
+
+    Tensors are made contiguous clones so the file does not carry the storage of dropped keys.
+    """
+    model = {k: v.detach().clone().contiguous() for k, v in new_sd.items()}
+    return {"model": model, "__author__": f"convert_pretrain_to_d2 {source}".strip()}
+
+
+def target_from_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, int]:
+    """embed_dim / depth / patch_size / pretrain_img_size of `model.backbone.net` in a detectron2 LazyConfig.
+
+    Fields the config leaves out take `ViT`'s defaults, as they will when the config is instantiated.
+
+    Args:
+        path: the LazyConfig file.
+        overrides: `key=value` overrides applied first, as train_net will apply them.
+
+    Raises:
+        ConfigError: the file does not exist or has no `model.backbone.net`.
+    """
+    from detectron2.config import LazyConfig
+
+    from .vit import ViT
+
+    if not Path(path).is_file():
+        raise ConfigError(f"config {path} not found; see configs/COCO/ and configs/demo/")
+    try:
+        net = LazyConfig.apply_overrides(LazyConfig.load(str(path)), list(overrides)).model.backbone.net
+    except AttributeError:
+        raise ConfigError(f"{path} has no model.backbone.net; give a ViTDet config") from None
+    defaults = inspect.signature(ViT).parameters
+    return {k: net.get(k, defaults[k].default) for k in TARGET_KEYS}
+
+
+def convert_checkpoint(source: str | Path, output: str | Path, target: Mapping[str, int | None],
+                       trust_pickle: bool = False, overwrite: bool = False) -> tuple[list[str], list[str]]:
+    """Read a pretraining / encoder / timm checkpoint, convert its encoder for `target`, write it atomically.
+
+    Args:
+        source: the input weights file (see `pretrain.checkpoint.read_checkpoint`).
+        output: the detectron2 checkpoint to write; never left half-written.
+        target: `TARGET_KEYS` values to check (None: not checked), e.g. from `target_from_config`.
+        trust_pickle: allow a pickle with Python objects in `source` (the user trusts it).
+        overwrite: replace an existing `output`.
+
+    Returns:
+        (used, ignored) input keys.
+
+    Raises:
+        CheckpointError: unreadable source, no encoder, or an encoder that does not fit `target`.
+        ConfigError: `output` exists and `overwrite` is False.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; pass --overwrite to replace it")
+    checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
+    new_sd, used, ignored = to_vitdet(state_dict_of(checkpoint, str(source)), **target)
+    save_atomic(to_detectron2_checkpoint(new_sd, source=Path(source).name), output)
+    return used, ignored

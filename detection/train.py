@@ -1,0 +1,156 @@
+"""Training and evaluation of a detectron2 LazyConfig (ViTDet Mask R-CNN): detectron2's `lazyconfig_train_net.py`
+plus early config checks, CPU training, and COCO AP written to `OUTPUT_DIR/ap.json` as well as `metrics.json`.
+
+`tools/train_net.py` (`detection.cli.train_net`) parses the arguments and calls `main` in each worker process.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.registry import locate
+from omegaconf import DictConfig
+
+from pretrain.errors import ConfigError
+
+from .datasets import BitmaskDatasetMapper, check_dataset, register_builtin_shapes, register_coco_json
+from .evaluation import write_ap_json
+
+logger = logging.getLogger("detectron2")
+
+
+def _names(names: Any) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _mapper_crops_polygons(mapper: DictConfig) -> bool:
+    """Whether this train mapper config would crop polygon masks (which needs shapely)."""
+    target = mapper.get("_target_")
+    target = locate(target) if isinstance(target, str) else target
+    if isinstance(target, type) and issubclass(target, BitmaskDatasetMapper):
+        return False
+    if not mapper.get("use_instance_mask", False) or mapper.get("instance_mask_format", "polygon") != "polygon":
+        return False
+    crops = ("FixedSizeCrop", "RandomCrop")
+    return any(getattr(locate(a._target_) if isinstance(a._target_, str) else a._target_, "__name__", "") in crops
+               for a in mapper.get("augmentations", []) if isinstance(a, DictConfig) and "_target_" in a)
+
+
+def check_config(cfg: DictConfig, eval_only: bool) -> None:
+    """Fail early, in one line, on what would otherwise fail deep inside a run.
+
+    Raises:
+        ConfigError: Unusable device, checkpoint path or mask format.
+        DataError: A dataset is not registered, or its json or image folder is missing.
+    """
+    device = str(cfg.train.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device} but CUDA is unavailable; add train.device=cpu to the command")
+    ckpt = str(cfg.train.init_checkpoint or "")
+    if ckpt and "://" not in ckpt and not os.path.isfile(ckpt):
+        raise ConfigError(f"train.init_checkpoint={ckpt} does not exist; convert a pretraining checkpoint with "
+                          "tools/convert_pretrain_to_d2.py or set train.init_checkpoint=''")
+    if eval_only and not ckpt:
+        raise ConfigError("--eval-only needs weights: set train.init_checkpoint=PATH (e.g. OUTPUT_DIR/model_final.pth)")
+    if not eval_only:
+        for name in _names(cfg.dataloader.train.dataset.names):
+            check_dataset(name)
+        if _mapper_crops_polygons(cfg.dataloader.train.mapper) and importlib.util.find_spec("shapely") is None:
+            raise ConfigError("cropping polygon masks (LSJ's FixedSizeCrop) needs shapely: pip install shapely, or "
+                              "add dataloader.train.mapper._target_=detection.datasets.BitmaskDatasetMapper")
+    if "evaluator" in cfg.dataloader:
+        for name in _names(cfg.dataloader.test.dataset.names):
+            check_dataset(name)
+
+
+def do_test(cfg: DictConfig, model: torch.nn.Module, iteration: int | None) -> dict:
+    """COCO evaluation on `dataloader.test`; also writes `OUTPUT_DIR/ap.json` (main process).
+
+    Returns:
+        `{"bbox": {"AP": ..., ...}, "segm": {...}}`, or {} without an evaluator.
+    """
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+        path = Path(cfg.train.output_dir) / "ap.json"
+        write_ap_json(results, path, iteration)
+        logger.info(f"AP written to {path}")
+    return results
+
+
+def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
+    """Train with periodic checkpoints and evaluation, as detectron2's lazyconfig_train_net.py."""
+    model = instantiate(cfg.model)
+    logger.info(f"Model:\n{model}")
+    device = torch.device(cfg.train.device)
+    model.to(device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    ddp = dict(cfg.train.ddp)
+    if device.type != "cuda":  # DDP's device_ids and fp16 gradient compression are CUDA-only
+        ddp.update(device_ids=None, fp16_compression=False)
+    model = create_ddp_model(model, **ddp)
+    use_amp = bool(cfg.train.amp.enabled) and device.type == "cuda"
+    if cfg.train.amp.enabled and not use_amp:
+        logger.warning("train.amp.enabled ignored: mixed precision runs on CUDA only")
+    trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, optimizer=optim, trainer=trainer)
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        # EvalHook puts the results into the EventStorage (so metrics.json) and evaluates after the last iteration.
+        # Iterations done: trainer.iter + 1 after a step, but trainer.iter == max_iter once training ends.
+        hooks.EvalHook(cfg.train.eval_period,
+                       lambda: do_test(cfg, model, min(trainer.iter + 1, trainer.max_iter))),
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+        if comm.is_main_process() else None,
+    ])
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # a checkpoint stores the iteration that just finished
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def setup(args: argparse.Namespace) -> DictConfig:
+    """Register `--dataset`s and the built-in shapes, load the config with overrides, check it, set up logging."""
+    for name, json_file, image_root in args.dataset:
+        register_coco_json(name, json_file, image_root)
+    cfg = LazyConfig.load(args.config_file)
+    if "builtin_shapes_train" not in DatasetCatalog.list():  # unless the config registered its own variant
+        register_builtin_shapes()
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_config(cfg, args.eval_only)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    """Entry point of every worker process; returns the evaluation results with `--eval-only`."""
+    cfg = setup(args)
+    if not args.eval_only:
+        do_train(args, cfg)
+        return None
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    model = create_ddp_model(model)
+    extra = DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    return do_test(cfg, model, extra.get("iteration"))

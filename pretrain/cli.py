@@ -1,0 +1,81 @@
+"""Command lines of the pretraining package; `tools/*.py` and the `crossmae-*` console scripts call these.
+
+Each parses its arguments, calls one library function and returns an exit status (`errors.command` turns a
+`UserError` into one `error:` line and status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+from .errors import command
+
+
+@command
+def pretrain(argv: Sequence[str] | None = None) -> None:
+    """MAE / CrossMAE pretraining: flags as MAE's main_pretrain.py over a recipe (`--config`)."""
+    from .config import load_config
+    from .trainer import run
+
+    cfg = load_config(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run(cfg)
+
+
+@command
+def export_encoder(argv: Sequence[str] | None = None) -> None:
+    """Write the encoder of a pretraining checkpoint as a timm-named `{"model": ..., "meta": ...}` file."""
+    from .weights import export_encoder as export
+
+    p = argparse.ArgumentParser(description=export_encoder.__doc__)
+    p.add_argument("checkpoint", help="pretraining checkpoint (this project's, or a released MAE/CrossMAE one)")
+    p.add_argument("output", help="where to write the encoder-only file")
+    args = p.parse_args(argv)
+    kept, dropped = export(args.checkpoint, args.output)
+    print(f"wrote {kept} encoder tensors to {args.output}; dropped {dropped} decoder keys")
+
+
+def _checkpoint_args(p: argparse.ArgumentParser, default_output: str, batch_size: int) -> None:
+    p.add_argument("checkpoint", help="pretraining checkpoint (ours, or a released MAE / CrossMAE one)")
+    p.add_argument("images", nargs="*", help="image files and/or folders (searched recursively)")
+    p.add_argument("--builtin", type=int, help="use N built-in procedural images instead of IMAGES")
+    p.add_argument("--model", help="registered model name, for checkpoints without config")
+    p.add_argument("--mask_ratio", type=float, help="default: the checkpoint's (0.75 for released ones)")
+    p.add_argument("--seed", type=int, default=0, help="mask seed")
+    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--output", default=default_output, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--num_workers", type=int, default=0, help="data loading processes")
+
+
+@command
+def visualize(argv: Sequence[str] | None = None) -> None:
+    """Reconstruction grids (original | masked | reconstruction | reconstruction + visible) of a checkpoint."""
+    from .analyze import reconstruction_grids
+
+    p = argparse.ArgumentParser(description=visualize.__doc__)
+    _checkpoint_args(p, "output/visualize", batch_size=8)
+    p.add_argument("--prediction_ratio", type=float,
+                   help="CrossMAE: fraction of all patches reconstructed; default mask_ratio (every masked patch)")
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction,
+                   help="predictions are per-patch normalised pixels (default: config's, else True)")
+    a = p.parse_args(argv)
+    reconstruction_grids(a.checkpoint, a.images, a.builtin, a.model, a.mask_ratio, a.prediction_ratio,
+                         a.norm_pix_loss, a.seed, a.batch_size, a.output, a.device, a.num_workers)
+
+
+@command
+def analyze_attention(argv: Sequence[str] | None = None) -> None:
+    """Decoder analysis: MAE's mask-token attention mass per block (Table 6), CrossMAE's feature-map weights."""
+    from .analyze import analyze_attention as analyze
+
+    p = argparse.ArgumentParser(description=analyze_attention.__doc__)
+    _checkpoint_args(p, "output/attention", batch_size=32)
+    a = p.parse_args(argv)
+    print(analyze(a.checkpoint, a.images, a.builtin, a.model, a.mask_ratio, a.seed, a.batch_size, a.output,
+                  a.device, a.num_workers))
+    print(f"wrote {a.output}")

@@ -1,0 +1,276 @@
+"""What a weights file holds, and how to turn it into an encoder or a model: the one route every tool takes.
+
+- `state_dict_of(checkpoint)`: the model state dict of a loaded checkpoint (its "model" entry, DDP and
+  torch.compile prefixes stripped).
+- `model_family(state_dict)`: "mae" or "crossmae" from the key names, or a one-line error naming what the
+  file is instead.
+- `encoder_state_dict(state_dict)`: the ViT encoder under timm's names, as a pure state-dict filter (timm's
+  `checkpoint_filter_fn` habit); the detectron2 conversion and the encoder export both start from it.
+- `infer_architecture` / `load_pretrain_model`: rebuild an MAE / CrossMAE model from its weights alone
+  (released checkpoints) or from the config this project stores in its own.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_checkpoint, load_model_weights, read_checkpoint, save_atomic
+from .config import create_model
+from .errors import CheckpointError
+from .models import CrossMAE, build_model, list_models, model_info, size_of_width
+
+__all__ = ["state_dict_of", "model_family", "encoder_state_dict", "encoder_shape", "infer_architecture",
+           "load_pretrain_model", "export_encoder", "ENCODER_KEY"]
+
+# timm's VisionTransformer names for the encoder (MAE's and CrossMAE's are the same)
+ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|norm\.(weight|bias))$")
+_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile prefixes
+_DECODER_HEAD_DIM = 32  # every released MAE / CrossMAE decoder: 512 / 16, 256 / 8 (and ours 128 / 4)
+
+
+def state_dict_of(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model state dict of a loaded checkpoint: its "model" entry if present, else the mapping itself.
+
+    Non-tensor entries are dropped, and leading "module." / "_orig_mod." prefixes shared by all keys stripped.
+
+    Raises:
+        CheckpointError: `checkpoint` is no mapping, or holds no tensors.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dict; give a "
+                              "state dict or a {'model': state_dict} checkpoint")
+    sd = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{source} has no state dict of tensors (under 'model' or at top level); "
+                              "is it a model checkpoint?")
+    for prefix in _WRAPPERS:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _max_index(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """1 + the largest i of keys `prefix{i}.`, or 0."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = [int(m.group(1)) for k in state_dict if (m := pat.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def model_family(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> str:
+    """"mae" or "crossmae" from the key names of a pretraining state dict.
+
+    Raises:
+        CheckpointError: the file is a detectron2 checkpoint, has no ViT encoder, holds an encoder only,
+            or has a decoder of neither kind; the message says which.
+    """
+    keys = list(state_dict)
+    if any(k.startswith(("backbone.", "roi_heads.", "proposal_generator.")) for k in keys):
+        raise CheckpointError(f"{source} is a detectron2 (detection) checkpoint; give a pretraining checkpoint "
+                              "(output/pretrain/checkpoint-*.pth or a released MAE / CrossMAE one)")
+    if not any(k.startswith("blocks.") for k in keys) or "patch_embed.proj.weight" not in state_dict:
+        raise CheckpointError(f"{source} has no ViT encoder keys (patch_embed.proj, blocks.*); give an MAE or "
+                              "CrossMAE pretraining checkpoint")
+    if any(k.startswith(("wfm.", "dec_norms.")) or ".cross_attn." in k for k in keys):
+        return "crossmae"
+    if "decoder_embed.weight" in state_dict and any(k.startswith("decoder_blocks.") for k in keys):
+        return "mae"
+    if not any(k.startswith(("decoder", "mask_token")) for k in keys):
+        raise CheckpointError(f"{source} holds an encoder only (an export, a fine-tuned ViT, or MAE's "
+                              "mae_pretrain_vit_*.pth); these tools need a pretraining checkpoint with its decoder "
+                              "(e.g. MAE's mae_visualize_vit_large.pth)")
+    raise CheckpointError(f"{source} has a decoder that is neither MAE's nor CrossMAE's (no decoder_embed, wfm or "
+                          "cross_attn keys)")
+
+
+def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Split a ViT state dict (timm / MAE / CrossMAE names) into its encoder and the rest.
+
+    The encoder is `cls_token`, `pos_embed`, `patch_embed.*`, `blocks.{i}.*` and the final `norm.*` (MAE's;
+    CrossMAE has none); everything else (decoder, `mask_token`, heads, `fc_norm`) is dropped.
+
+    Returns:
+        (encoder, dropped): the kept tensors under their own names, and the sorted names of the others.
+    """
+    kept = {k: v for k, v in state_dict.items() if ENCODER_KEY.match(k)}
+    return kept, sorted(k for k in state_dict if k not in kept)
+
+
+def encoder_shape(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Embed dim, depth and patch size of the ViT encoder in `state_dict` (timm / MAE names).
+
+    Raises:
+        CheckpointError: no `patch_embed.proj.weight`, i.e. no ViT encoder, or blocks not numbered 0..n-1.
+    """
+    if "patch_embed.proj.weight" not in state_dict:
+        raise CheckpointError("checkpoint has no 'patch_embed.proj.weight': not a ViT encoder with timm/MAE key "
+                              "names")
+    weight = state_dict["patch_embed.proj.weight"]  # (embed_dim, in_chans, patch, patch)
+    ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if ids != set(range(len(ids))):
+        raise CheckpointError(f"checkpoint blocks are not numbered 0..n-1 (found {sorted(ids)}); it is not a "
+                              "plain ViT")
+    return {"embed_dim": weight.shape[0], "depth": len(ids), "patch_size": weight.shape[-1]}
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                       model_name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Registered model name and constructor overrides that rebuild a model from its weights alone.
+
+    Widths, depths, patch and image size, MLP ratio, CrossMAE's `use_input` and decoder
+    self-attention are read from tensor shapes and key names. Head counts are not in the weights:
+    the encoder's come from the registered model of that width (or `model_name`), the decoder's
+    from the 32-wide heads of every released decoder.
+
+    Args:
+        state_dict: keys as the official MAE / CrossMAE code.
+        source: name of the file, for messages.
+        model_name: registered model to build instead of the one inferred from the width.
+
+    Returns:
+        (name, overrides) for `build_model`.
+
+    Raises:
+        CheckpointError: what cannot be told from the weights, and which flag or file would tell it.
+    """
+    family = model_family(state_dict, source)
+    proj = state_dict["patch_embed.proj.weight"]  # (D, C, p, p)
+    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    if "pos_embed" not in state_dict:
+        raise CheckpointError(f"{source} has no pos_embed; cannot tell the image size")
+    num_patches = state_dict["pos_embed"].shape[1] - 1
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise CheckpointError(f"{source} has {num_patches} patch positions, not a square grid; cannot tell the "
+                              "image size")
+    depth = _max_index(state_dict, "blocks.")
+    overrides: dict[str, Any] = dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim,
+                                     depth=depth, mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+    decoder_dim = state_dict["mask_token"].shape[-1]
+    overrides["decoder_embed_dim"] = decoder_dim
+    overrides["decoder_depth"] = _max_index(state_dict, "decoder_blocks.")
+    if decoder_dim % _DECODER_HEAD_DIM:
+        raise CheckpointError(f"{source} has a {decoder_dim}-wide decoder, not a multiple of {_DECODER_HEAD_DIM}; "
+                              "cannot tell its head count; use a checkpoint saved with its config")
+    overrides["decoder_num_heads"] = decoder_dim // _DECODER_HEAD_DIM
+    if family == "crossmae":
+        if "wfm.linear.weight" not in state_dict:
+            raise CheckpointError(f"{source} is a CrossMAE run without feature weighting (no wfm.*); this "
+                                  "project's CrossMAE needs --weight_fm checkpoints")
+        k = state_dict["wfm.linear.weight"].shape[1]
+        if k not in (depth, depth + 1):
+            raise CheckpointError(f"{source} weights {k} feature maps of a {depth}-block encoder; cannot tell which "
+                                  "blocks (use_fm); use a checkpoint saved with its config")
+        overrides["use_input"] = k == depth + 1
+        overrides["decoder_self_attn"] = any(k.startswith("decoder_blocks.0.self_attn.") for k in state_dict)
+
+    if model_name is not None:
+        try:
+            given = model_info(model_name)
+        except ValueError as e:
+            raise CheckpointError(f"--model: {e}") from None
+        if given.family != family:
+            raise CheckpointError(f"--model {model_name} is not a {family} model but {source} is a {family} "
+                                  f"checkpoint; pick one of {', '.join(list_models(family))}")
+        return model_name, overrides
+    size = size_of_width(dim)
+    if size is None:
+        raise CheckpointError(f"cannot tell the encoder size of {source} (width {dim} is no registered ViT size); "
+                              "pass --model NAME with the matching head count")
+    candidates = list_models(family, size)
+    exact = [m for m in candidates if model_info(m).patch_size == patch]
+    return (exact or candidates)[0], overrides
+
+
+def load_pretrain_model(path: str | Path, model_name: str | None = None, mask_ratio: float | None = None,
+                        prediction_ratio: float | None = None,
+                        norm_pix_loss: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Any MAE / CrossMAE pretraining checkpoint as a model in eval mode, on CPU.
+
+    Ours carry `config` and are rebuilt with `pretrain.config.create_model`; released ones
+    (`{"model": state_dict}`) through `infer_architecture`.
+
+    Args:
+        path: checkpoint file.
+        model_name: registered model, for checkpoints without config.
+        mask_ratio: overrides the checkpoint's (default 0.75 where it has none).
+        prediction_ratio: CrossMAE; default `mask_ratio`: reconstruct every masked patch (the
+            queries are independent, so this changes no single prediction).
+        norm_pix_loss: whether predictions are in per-patch normalised pixels; default the
+            config's, else True as in every released recipe.
+
+    Returns:
+        (model, info) where info has "name", "family", "source" ("config" or "inferred"),
+        "mask_ratio", "prediction_ratio", "epoch".
+
+    Raises:
+        CheckpointError: in one line, what the file is if it is no usable pretraining checkpoint.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    state_dict = state_dict_of(ckpt, str(path))
+    family = model_family(state_dict, str(path))
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+    if config and config.get("model"):
+        if model_name and model_name != config["model"]:
+            raise CheckpointError(f"{path} was trained as {config['model']}, not --model {model_name}; drop --model")
+        mask_ratio = config["mask_ratio"] if mask_ratio is None else mask_ratio
+        cfg = {"model_kwargs": {}, "decoder_depth": None, **config, "mask_ratio": mask_ratio,
+               "prediction_ratio": mask_ratio if prediction_ratio is None else prediction_ratio,
+               "norm_pix_loss": config.get("norm_pix_loss", True) if norm_pix_loss is None else norm_pix_loss}
+        name, source = config["model"], "config"
+        try:
+            model = create_model(cfg)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"the config stored in {path} cannot build {config['model']} "
+                                  f"({type(e).__name__}: {e})") from None
+    else:
+        name, overrides = infer_architecture(state_dict, str(path), model_name)
+        mask_ratio = 0.75 if mask_ratio is None else mask_ratio
+        overrides.update(mask_ratio=mask_ratio, norm_pix_loss=True if norm_pix_loss is None else norm_pix_loss)
+        if family == "crossmae":
+            overrides["prediction_ratio"] = mask_ratio if prediction_ratio is None else prediction_ratio
+        source = "inferred"
+        try:
+            model = build_model(name, **overrides)
+        except (ValueError, AssertionError, TypeError) as e:
+            raise CheckpointError(f"cannot build {name} for {path} ({e}); pass --model NAME with a matching head "
+                                  "count") from None
+    load_model_weights(model, state_dict, source=str(path))
+    try:
+        if prediction_ratio is not None:
+            model.prediction_ratio = prediction_ratio  # MAE refuses any value but mask_ratio
+        model.num_visible()
+        if isinstance(model, CrossMAE):
+            model.num_predicted()
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    info = {"name": name, "family": "crossmae" if isinstance(model, CrossMAE) else "mae", "source": source,
+            "mask_ratio": model.mask_ratio, "prediction_ratio": model.prediction_ratio, "epoch": ckpt.get("epoch")}
+    return model.eval(), info
+
+
+def export_encoder(checkpoint: str | Path, output: str | Path) -> tuple[int, int]:
+    """Write the encoder of a pretraining checkpoint as `{"model": encoder_state_dict, "meta": {...}}`, the layout
+    of MAE's released `mae_pretrain_vit_*.pth` (timm names, so timm and the detectron2 converter read it).
+
+    Returns:
+        (tensors written, keys dropped).
+
+    Raises:
+        CheckpointError: the file holds no ViT encoder.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    sd = state_dict_of(ckpt, str(checkpoint))
+    encoder, dropped = encoder_state_dict(sd)
+    if not any(k.startswith("blocks.") for k in encoder):
+        raise CheckpointError(f"{checkpoint} has no encoder keys (blocks.*); is it a pretraining checkpoint?")
+    meta = {"source": str(checkpoint), "epoch": ckpt.get("epoch"), "config": ckpt.get("config", {})}
+    save_atomic({"model": encoder, "meta": meta}, output)
+    return len(encoder), len(dropped)
