@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -60,3 +62,13 @@ def cleanup() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session(device: torch.device) -> Iterator[tuple[int, int]]:
+    """`init_distributed` for the duration of a `with` block (a no-op without torchrun); yields (rank, world)."""
+    rank_world = init_distributed(device)
+    try:
+        yield rank_world
+    finally:
+        cleanup()

@@ -7,7 +7,8 @@
 - `encoder_state_dict(state_dict)`: the ViT encoder under timm's names, as a pure state-dict filter (timm's
   `checkpoint_filter_fn` habit); the detectron2 conversion and the encoder export both start from it.
 - `infer_architecture` / `load_pretrain_model`: rebuild an MAE / CrossMAE model from its weights alone
-  (released checkpoints) or from the config this project stores in its own.
+  (released checkpoints) or from the config this project stores in its own; `load_encoder` also takes
+  encoder-only files.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch.nn as nn
 from .checkpoint import load_checkpoint, load_model_weights, read_checkpoint, save_atomic
 from .config import create_model
 from .errors import CheckpointError
-from .models import CrossMAE, build_model, list_models, model_info, size_of_width
+from .models import VIT_SIZES, CrossMAE, build_model, list_models, model_info, size_of_width
+from .models.encoder import MaskedViTEncoder
 
 __all__ = ["state_dict_of", "model_family", "encoder_state_dict", "encoder_shape", "infer_architecture",
-           "load_pretrain_model", "export_encoder", "ENCODER_KEY"]
+           "load_pretrain_model", "load_encoder", "export_encoder", "ENCODER_KEY"]
 
 # timm's VisionTransformer names for the encoder (MAE's and CrossMAE's are the same)
 ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|norm\.(weight|bias))$")
@@ -274,3 +276,61 @@ def export_encoder(checkpoint: str | Path, output: str | Path) -> tuple[int, int
     meta = {"source": str(checkpoint), "epoch": ckpt.get("epoch"), "config": ckpt.get("config", {})}
     save_atomic({"model": encoder, "meta": meta}, output)
     return len(encoder), len(dropped)
+
+
+def load_encoder(path: str | Path, model_name: str | None = None) -> tuple[MaskedViTEncoder, dict[str, Any]]:
+    """The ViT encoder of any weights file the project reads, in eval mode on CPU: a pretraining checkpoint
+    (ours or released, the whole model, whose `forward_features` is the encoder's) or an encoder-only file
+    (`tools/export_encoder.py` output, MAE's `mae_pretrain_vit_*.pth`, a timm ViT state dict).
+
+    Returns:
+        (encoder, info) where info has "name" (registered model or "encoder"), "family" (None for encoder-only
+        files), "epoch", "kept" (encoder tensors loaded).
+
+    Raises:
+        CheckpointError: no ViT encoder in the file (e.g. a detectron2 checkpoint), or one of unknown width.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    sd = state_dict_of(ckpt, str(path))
+    try:
+        family = model_family(sd, str(path))
+    except CheckpointError:
+        family = None
+    if family is not None:
+        model, info = load_pretrain_model(path, model_name)
+        return model, {"name": info["name"], "family": family, "epoch": info["epoch"],
+                       "kept": len(encoder_state_dict(model.state_dict())[0])}
+    if any(k.startswith(("backbone.", "roi_heads.")) for k in sd):
+        raise CheckpointError(f"{path} is a detectron2 (detection) checkpoint; give a pretraining or encoder "
+                              "checkpoint")
+    encoder, _ = encoder_state_dict(sd)
+    shape = encoder_shape(encoder)
+    if "pos_embed" not in encoder:
+        raise CheckpointError(f"{path} has no pos_embed; cannot tell the encoder's input size")
+    slots = encoder["pos_embed"].shape[1]
+    grid = math.isqrt(slots - 1)
+    if grid * grid != slots - 1:
+        raise CheckpointError(f"{path} has a pos_embed of {slots} slots, not 1 + S*S (cls + a square grid); "
+                              "this loader needs the cls slot")
+    config = ckpt.get("config") or (ckpt.get("meta") or {}).get("config")  # ours; exports keep it under meta
+    if model_name is not None:
+        num_heads = VIT_SIZES[model_info(model_name).size]["num_heads"]
+    elif isinstance(config, dict) and config.get("model"):
+        num_heads = (config.get("model_kwargs") or {}).get("num_heads",
+                                                           VIT_SIZES[model_info(config["model"]).size]["num_heads"])
+    else:
+        size = size_of_width(shape["embed_dim"])
+        if size is None:
+            raise CheckpointError(f"cannot tell the head count of {path} (width {shape['embed_dim']} is no registered "
+                                  "ViT size); pass --model NAME")
+        num_heads = VIT_SIZES[size]["num_heads"]
+    with torch.random.fork_rng():  # the weights are overwritten below; leave the caller's random state alone
+        model = MaskedViTEncoder(img_size=grid * shape["patch_size"], patch_size=shape["patch_size"],
+                                 in_chans=encoder["patch_embed.proj.weight"].shape[1], embed_dim=shape["embed_dim"],
+                                 depth=shape["depth"], num_heads=num_heads,
+                                 mlp_ratio=encoder["blocks.0.mlp.fc1.weight"].shape[0] / shape["embed_dim"],
+                                 final_norm="norm.weight" in encoder)
+    load_model_weights(model, encoder, source=str(path))
+    epoch = ckpt.get("epoch", (ckpt.get("meta") or {}).get("epoch"))
+    return model.eval(), {"name": "encoder", "family": None, "epoch": epoch, "kept": len(encoder)}

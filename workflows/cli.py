@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -73,3 +74,72 @@ def check_env(argv: Sequence[str] | None = None) -> None:
 
     argparse.ArgumentParser(description=check_env.__doc__).parse_args(argv)
     print(check_environment())
+
+
+@command
+def probe(argv: Sequence[str] | None = None) -> None:
+    """Frozen-feature evaluation of any checkpoint's encoder: k-NN and linear probe, on the objects of a
+    COCO-format set (each box cropped) or on an ImageFolder with train/ and val/."""
+    import json
+    from pathlib import Path
+
+    from pretrain.probe import POOLS, ObjectCrops, image_folder, run_probe
+
+    from .probe_data import object_sets
+
+    p = argparse.ArgumentParser(description=probe.__doc__)
+    p.add_argument("checkpoint", help="pretraining, export or released MAE / CrossMAE checkpoint")
+    data = p.add_argument_group("data (default: the objects of the built-in shapes set)")
+    data.add_argument("--data-path", help="ImageFolder root with train/<class>/<image> and val/<class>/<image>")
+    data.add_argument("--config-file", help="a detectron2 LazyConfig: probe the objects of its train / test sets")
+    data.add_argument("--train", help="registered COCO-format dataset to train the probes on")
+    data.add_argument("--val", help="registered COCO-format dataset to evaluate on")
+    data.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                      help="register a COCO-format json + image folder as NAME (repeatable), as train_net")
+    f = p.add_argument_group("features")
+    f.add_argument("--model", help="registered model name, for checkpoints without config")
+    f.add_argument("--block", type=int, default=-1, help="encoder block whose output is used (default: the last)")
+    f.add_argument("--pool", choices=POOLS, default="spatial",
+                   help="cls token, mean of the patch tokens, or the whole token grid (default)")
+    f.add_argument("--extract-batch-size", type=int, default=128)
+    f.add_argument("--num-workers", type=int, default=0)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--cache-dir", help="keep features here per checkpoint, data, block and pool (default: none)")
+    q = p.add_argument_group("probes")
+    q.add_argument("--k", type=int, default=20, help="k-NN neighbours")
+    q.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")
+    q.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    q.add_argument("--batch-size", type=int, default=256, help="linear probe batch size")
+    q.add_argument("--blr", type=float, default=0.1, help="linear probe base lr: lr = blr * batch / 256")
+    q.add_argument("--weight-decay", type=float, default=0.0)
+    q.add_argument("--warmup-epochs", type=int, default=10)
+    q.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd", help="sgd (momentum 0.9) or MAE's LARS")
+    q.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the results as JSON here")
+    a = p.parse_args(argv)
+
+    from pretrain.weights import load_encoder
+
+    input_size = load_encoder(a.checkpoint, a.model)[0].patch_embed.img_size[0]
+    if a.data_path:
+        root = Path(a.data_path)
+        train_set, val_set = image_folder(root / "train", input_size), image_folder(root / "val", input_size)
+        key, what = f"folder:{root.resolve()}", f"images of {root}"
+    else:
+        (train_json, train_root), (val_json, val_root) = object_sets(a.config_file, a.train, a.val, a.dataset)
+        train_set = ObjectCrops(train_json, train_root, input_size)
+        val_set = ObjectCrops(val_json, val_root, input_size)
+        key, what = f"objects:{Path(train_json).resolve()}:{Path(val_json).resolve()}", "objects"
+    result = run_probe(a.checkpoint, train_set, val_set, key, model_name=a.model, block=a.block, pool=a.pool,
+                       k=a.k, temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size, blr=a.blr,
+                       weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, optimizer=a.optimizer,
+                       seed=a.seed, extract_batch_size=a.extract_batch_size, num_workers=a.num_workers,
+                       device=a.device, cache_dir=a.cache_dir)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the first process reports
+        return
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{Path(a.checkpoint).name}: k-NN {result['knn']['accuracy']:.3f}, linear {result['linear']['accuracy']:.3f} "
+          f"({a.pool} features of block {result['block']}; {result['train_samples']} train / "
+          f"{result['val_samples']} val {what}, {len(result['classes'])} classes)")
