@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from pretrain.errors import UserError, command
+from pretrain.errors import UserError, command, one_line
 
 TRAIN_NET_EXAMPLES = """examples:
   # built-in shapes on CPU (the dataset is rendered on first use)
@@ -35,6 +35,13 @@ def train_net_parser() -> argparse.ArgumentParser:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
                         help="register a COCO-format json + image folder as NAME (repeatable)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow weights files that unpickle Python objects (.pkl model-zoo files): only for files "
+                             "you trust, since loading them runs their code")
+    parser.add_argument("--allow-partial-init", action="store_true",
+                        help="go on when train.init_checkpoint leaves backbone weights unset (detectron2's default)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in train.output_dir instead of refusing (see --resume)")
     return parser
 
 
@@ -44,15 +51,23 @@ def train_net(argv: Sequence[str] | None = None) -> int:
 
     from .train import main
 
+    from detectron2.data.detection_utils import SizeMismatchError
+
     parser = train_net_parser()
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error("--config-file is required, e.g. configs/demo/mask_rcnn_vit_tiny_builtin.py")
+    if not Path(args.config_file).is_file():
+        parser.error(f"--config-file {args.config_file} not found; see configs/COCO/ and configs/demo/")
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
-    except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    except (UserError, SizeMismatchError) as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable or unwritable paths, a full disk
+        print(f"{parser.prog}: error: {e.strerror or e}: {e.filename or ''}; check the path and free space".rstrip(),
+              file=sys.stderr)
         return 2
     return 0
 

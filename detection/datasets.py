@@ -21,6 +21,7 @@ image folder (what the object probe and the demo read).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ __all__ = ["SHAPE_CATEGORIES", "builtin_shapes_dir", "write_builtin_shapes", "bu
            "register_builtin_shapes", "register_coco_json", "check_dataset", "dataset_files", "BitmaskDatasetMapper"]
 
 _SPLITS = ("train", "val")
+logger = logging.getLogger(__name__)
 _DONE = "DONE"
 
 
@@ -161,8 +163,82 @@ def register_coco_json(name: str, json_file: str | os.PathLike, image_root: str 
         if (meta.get("json_file"), meta.get("image_root")) != (str(json_file), str(image_root)):
             raise DataError(f"dataset {name!r} is already registered with {meta.get('json_file')}; pick another name")
         return
-    DatasetCatalog.register(name, lambda: load_coco_json(str(json_file), str(image_root), name))
+    DatasetCatalog.register(name, lambda: load_checked_coco_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
+
+
+def _polygon_area(flat: list[float]) -> float:
+    xs, ys = flat[0::2], flat[1::2]
+    return 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
+
+
+def clean_annotations(records: list[dict], name: str) -> list[dict]:
+    """Drop the annotations a detector cannot learn from, clip boxes that stick out, and say so in one line.
+
+    Dropped: boxes of non-positive width or height, boxes wholly outside their image, and (when the set has
+    masks) instances whose polygons are all degenerate (under 3 points or zero area), wholly outside the image,
+    or missing; boxes partly outside are clipped to the image. Works on detectron2 dataset dicts (XYWH_ABS boxes).
+    """
+    from detectron2.structures import BoxMode
+
+    counts = {"of non-positive size": 0, "outside the image": 0, "with no usable mask polygon": 0}
+    clipped = 0
+    has_masks = any("segmentation" in a for r in records for a in r.get("annotations", []))
+    for record in records:
+        w, h = record["width"], record["height"]
+        kept = []
+        for ann in record.get("annotations", []):
+            x, y, bw, bh = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYWH_ABS)
+            if bw <= 0 or bh <= 0:
+                counts["of non-positive size"] += 1
+                continue
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
+            if x1 <= x0 or y1 <= y0:
+                counts["outside the image"] += 1
+                continue
+            if (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
+                clipped += 1
+                ann = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": BoxMode.XYWH_ABS}
+            segm = ann.get("segmentation")
+            if has_masks and not isinstance(segm, dict):  # RLE masks are kept as they are
+                polys = [p for p in (segm or []) if len(p) >= 6 and _polygon_area(p) > 0
+                         and min(p[0::2]) < w and max(p[0::2]) > 0 and min(p[1::2]) < h and max(p[1::2]) > 0]
+                if not polys:
+                    counts["with no usable mask polygon"] += 1
+                    continue
+                ann = {**ann, "segmentation": polys}
+            kept.append(ann)
+        record["annotations"] = kept
+    dropped = sum(counts.values())
+    if dropped or clipped:
+        logger.warning("dataset %s: dropped %d annotations (%s); clipped %d boxes to their image", name, dropped,
+                       ", ".join(f"{n} {why}" for why, n in counts.items() if n) or "none", clipped)
+    return records
+
+
+def load_checked_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLike, name: str) -> list[dict]:
+    """`load_coco_json` after a check of the json, then `clean_annotations`.
+
+    Raises:
+        DataError: the json does not parse, is no COCO instances file, or an annotation names a category or
+            image that is not in it.
+    """
+    try:
+        coco = json.loads(Path(json_file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"dataset {name!r}: {json_file} is not valid JSON ({e}); fix or regenerate the file") from None
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
+        raise DataError(f"dataset {name!r}: {json_file} is no COCO instances json (needs images, annotations and "
+                        "categories)")
+    categories, images = {c["id"] for c in coco["categories"]}, {im["id"] for im in coco["images"]}
+    for ann in coco["annotations"]:
+        if ann.get("category_id") not in categories:
+            raise DataError(f"dataset {name!r}: annotation {ann.get('id')} has category id {ann.get('category_id')}, "
+                            f"which {json_file} does not list in 'categories'; fix the json")
+        if ann.get("image_id") not in images:
+            raise DataError(f"dataset {name!r}: annotation {ann.get('id')} refers to image {ann.get('image_id')}, "
+                            f"which {json_file} does not list in 'images'; fix the json")
+    return clean_annotations(load_coco_json(str(json_file), str(image_root), name), name)
 
 
 def check_dataset(name: str) -> None:

@@ -9,11 +9,11 @@ import argparse
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from pretrain.errors import ConfigError
 
+from .checkpointer import SafeCheckpointer
 from .datasets import BitmaskDatasetMapper, check_dataset, register_builtin_shapes, register_coco_json
 from .evaluation import write_ap_json
 
@@ -75,6 +76,72 @@ def check_config(cfg: DictConfig, eval_only: bool) -> None:
             check_dataset(name)
 
 
+def check_overrides(cfg: DictConfig, opts: list[str]) -> None:
+    """Refuse `key=value` overrides whose key the config does not have (a typo would be ignored silently).
+
+    A key is known if it is in the config, or if its node is a LazyCall whose target takes it as an argument
+    (e.g. `model.backbone.net.freeze`, a ViT argument the config leaves at its default).
+
+    Raises:
+        ConfigError: the first unknown key, with the closest known ones.
+    """
+    import difflib
+    import inspect
+
+    for opt in opts:
+        key = opt.split("=", 1)[0]
+        if "=" not in opt or not key:
+            raise ConfigError(f"override {opt!r} is not key=value; e.g. train.max_iter=1000")
+        node, parts = cfg, key.split(".")
+        for depth, part in enumerate(parts):
+            known = list(node.keys()) if isinstance(node, DictConfig) else []
+            if part in known:
+                node = node[part]
+                continue
+            target = node.get("_target_") if isinstance(node, DictConfig) else None
+            target = locate(target) if isinstance(target, str) else target
+            if depth == len(parts) - 1 and target is not None:
+                params = inspect.signature(target).parameters
+                if part in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                    break
+                known += list(params)
+            near = difflib.get_close_matches(part, known, n=2)
+            where = ".".join(parts[:depth]) or "the config"
+            hint = f"; did you mean {' or '.join('.'.join([*parts[:depth], n]) for n in near)}?" if near else ""
+            raise ConfigError(f"override {key}: {where} has no key {part!r}{hint}")
+
+
+_RUN_FILES = ("last_checkpoint", "metrics.json", "ap.json", "model_final.pth")
+
+
+def claim_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Make sure a new training run does not silently mix with an earlier one in `out`.
+
+    With `resume`, the earlier run is continued; with `overwrite`, its files (checkpoints, metrics, AP, logs,
+    predictions) are deleted first; otherwise a folder holding a run is refused.
+
+    Raises:
+        ConfigError: `out` holds an earlier run, or is a file.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir {out} is a file; give a folder")
+    # an empty metrics.json is what a run that failed before its first logged iteration leaves
+    found = [f for f in _RUN_FILES if (out / f).is_file() and (out / f).stat().st_size > 0]
+    found += sorted(p.name for p in out.glob("model_*.pth"))
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"train.output_dir {out} holds an earlier run ({found[0]}); pass --resume to continue it, "
+                          "--overwrite to replace it, or give another train.output_dir")
+    import shutil
+
+    for name in [*_RUN_FILES, "log.txt"]:
+        (out / name).unlink(missing_ok=True)
+    for path in [*out.glob("model_*.pth"), *out.glob("events.out.tfevents.*")]:
+        path.unlink()
+    shutil.rmtree(out / "inference", ignore_errors=True)
+
+
 def do_test(cfg: DictConfig, model: torch.nn.Module, iteration: int | None) -> dict:
     """COCO evaluation on `dataloader.test`; also writes `OUTPUT_DIR/ap.json` (main process).
 
@@ -111,7 +178,8 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
     if cfg.train.amp.enabled and not use_amp:
         logger.warning("train.amp.enabled ignored: mixed precision runs on CUDA only")
     trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, train_loader, optim)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, optimizer=optim, trainer=trainer)
+    checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trust_pickle=args.trust_pickle,
+                                    allow_partial=args.allow_partial_init, optimizer=optim, trainer=trainer)
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -137,10 +205,33 @@ def setup(args: argparse.Namespace) -> DictConfig:
     cfg = LazyConfig.load(args.config_file)
     if "builtin_shapes_train" not in DatasetCatalog.list():  # unless the config registered its own variant
         register_builtin_shapes()
+    check_overrides(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_config(cfg, args.eval_only)
+    if not args.eval_only:
+        claim_output_dir(Path(cfg.train.output_dir), args.resume, args.overwrite)
     default_setup(cfg, args)
+    _follow_stdout()
     return cfg
+
+
+class _CurrentStdout:
+    """Writes to whatever `sys.stdout` is at each write."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def _follow_stdout() -> None:
+    """Point detectron2's console log handlers at the current `sys.stdout` at each write: `setup_logger` binds the
+    stream once per process, and a process that runs train_net again (tests, notebooks) may have replaced it."""
+    for name in ("detectron2", "d2", "fvcore"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.stream = _CurrentStdout()
 
 
 def main(args: argparse.Namespace) -> dict | None:
@@ -152,5 +243,6 @@ def main(args: argparse.Namespace) -> dict | None:
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)
-    extra = DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    extra = SafeCheckpointer(model, trust_pickle=args.trust_pickle, allow_partial=args.allow_partial_init,
+                             strict=True).load(cfg.train.init_checkpoint)
     return do_test(cfg, model, extra.get("iteration"))

@@ -235,7 +235,9 @@ class Block(nn.Module):
 class ViT(Backbone):
     """Plain ViT backbone of ViTDet; outputs `{out_feature: (B, embed_dim, H / patch, W / patch)}`.
 
-    Args are detectron2's (see its `ViT`); `attn_impl` ("sdpa" or "eager") picks the attention kernel.
+    Args are detectron2's (see its `ViT`); `attn_impl` ("sdpa" or "eager") picks the attention kernel, and
+    `freeze=True` (not in detectron2) keeps every ViT weight fixed and the ViT in eval mode (no drop path), so
+    only the pyramid and the heads learn: the frozen-backbone evaluation of a pretrained encoder.
     `pos_embed` keeps its pretraining shape (1, [1 +] (pretrain_img_size // patch_size) ** 2, embed_dim)
     and is resized at forward time; `img_size` only sizes the relative-position tables of global blocks.
     """
@@ -247,7 +249,7 @@ class ViT(Backbone):
                  rel_pos_zero_init: bool = True, window_size: int = 0, window_block_indexes: tuple[int, ...] = (),
                  residual_block_indexes: tuple[int, ...] = (), use_act_checkpoint: bool = False,
                  pretrain_img_size: int = 224, pretrain_use_cls_token: bool = True,
-                 out_feature: str = "last_feat", attn_impl: str = "sdpa") -> None:
+                 out_feature: str = "last_feat", attn_impl: str = "sdpa", freeze: bool = False) -> None:
         super().__init__()
         self.pretrain_use_cls_token = pretrain_use_cls_token
         self.use_act_checkpoint = use_act_checkpoint
@@ -273,6 +275,14 @@ class ViT(Backbone):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.freeze = freeze
+        if freeze:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> "ViT":
+        """`nn.Module.train`, except that a frozen ViT stays in eval mode."""
+        return super().train(mode and not self.freeze)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, in_chans, H, W) -> {out_feature: (B, embed_dim, H // patch_size, W // patch_size)}."""

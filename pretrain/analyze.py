@@ -60,7 +60,7 @@ def reconstruction_grids(checkpoint: str | Path, images: Sequence[str] = (), bui
     title = f"{Path(checkpoint).name} ({info['name']}), {ratios}, seed {seed}"
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers)
     written, skipped, listing = [], [], []
-    for imgs, idx, ok in tqdm(loader, desc="reconstructing", unit="batch"):
+    for imgs, idx, ok in tqdm(loader, desc="reconstructing", unit="batch", disable=None):
         skipped += [source.name(int(i)) for i in idx[~ok]]
         imgs, idx = imgs[ok], idx[ok]
         if len(idx) == 0:
@@ -135,7 +135,7 @@ def _mae_report(model, info: dict[str, Any], checkpoint: str | Path, images: Seq
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers)
     totals = AttentionMass(len(model.decoder_blocks))
     skipped = 0
-    for imgs, idx, ok in tqdm(loader, desc="attention", unit="batch"):
+    for imgs, idx, ok in tqdm(loader, desc="attention", unit="batch", disable=None):
         skipped += int((~ok).sum())
         imgs, idx = imgs[ok], idx[ok]
         if len(idx) == 0:

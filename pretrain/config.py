@@ -8,6 +8,7 @@ Precedence: DEFAULTS < recipe file (`--config`, itself merged over the recipes i
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,35 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 40,
     "data_path": "builtin",
     "builtin_size": 2048,  # images in the built-in source
+    "cache_images": False,  # decode image files once and keep them in memory (small sets only)
+    "init_from": "",  # start from the encoder tensors of this checkpoint instead of a fresh init
     "output_dir": "output/pretrain",
     "resume": "",
     "num_workers": 4,
     "seed": 0,
     "device": "auto",
     "save_every": 20,  # epochs between numbered checkpoints (checkpoint-last.pth is written every epoch)
+    "snapshot_every": 0,  # epochs between weights-only snapshots (0: none; else also one at step 0)
     "vis_every": 10,  # epochs between reconstruction grids
     "log_every": 10,  # iterations between TensorBoard scalars
+    "loss_spike_factor": 10.0,  # stop when an iteration's loss exceeds this x the median of the last ones (0: off)
+    "overwrite": False,  # replace an earlier run in output_dir instead of refusing
 }
+
+# What each key holds; "?" admits None. Values from YAML recipes are checked against it, so `epochs: "ten"`,
+# `batch_size: 8.5` or a quoted `"no"` for a flag fail at once rather than deep inside a run.
+TYPES: dict[str, str] = {
+    "model": "str", "batch_size": "int", "epochs": "int", "accum_iter": "int", "input_size": "int",
+    "mask_ratio": "float", "prediction_ratio": "float", "decoder_depth": "int?", "model_kwargs": "dict",
+    "norm_pix_loss": "bool", "weight_decay": "float", "lr": "float?", "blr": "float", "lr_prediction_scale": "str",
+    "min_lr": "float", "warmup_epochs": "float", "data_path": "str?", "builtin_size": "int", "cache_images": "bool",
+    "init_from": "str", "output_dir": "str", "resume": "str", "num_workers": "int", "seed": "int", "device": "str",
+    "save_every": "int", "snapshot_every": "int", "vis_every": "int", "log_every": "int", "loss_spike_factor": "float",
+    "overwrite": "bool",
+}
+_MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "builtin_size": 1, "num_workers": 0,
+            "save_every": 1, "snapshot_every": 0, "vis_every": 1, "log_every": 1, "warmup_epochs": 0, "min_lr": 0,
+            "weight_decay": 0, "loss_spike_factor": 0, "decoder_depth": 1}
 
 LR_PREDICTION_SCALES = ("proportional", "inverse", "none")
 
@@ -88,16 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "its inverse, or none")
     p.add_argument("--min_lr", type=float)
     p.add_argument("--warmup_epochs", type=float)
-    p.add_argument("--data_path", help="ImageNet-layout root holding train/<class>/<image>, or 'builtin'")
+    p.add_argument("--data_path", help="ImageNet-layout root holding train/<class>/<image>, a folder of images, "
+                                       "or 'builtin'")
     p.add_argument("--builtin_size", type=int, help="number of built-in images (with --data_path builtin)")
+    p.add_argument("--cache_images", action=argparse.BooleanOptionalAction,
+                   help="decode image files once and keep them in memory (small sets)")
+    p.add_argument("--init_from", help="start from the encoder tensors of this checkpoint instead of a fresh init")
     p.add_argument("--output_dir")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' for OUTPUT_DIR/checkpoint-last.pth")
     p.add_argument("--num_workers", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--save_every", type=int)
+    p.add_argument("--snapshot_every", type=int,
+                   help="epochs between weights-only snapshots in OUTPUT_DIR/snapshots/ (0: none)")
     p.add_argument("--vis_every", type=int)
     p.add_argument("--log_every", type=int)
+    p.add_argument("--loss_spike_factor", type=float,
+                   help="stop when an iteration's loss exceeds this x the median of the last 50 (default 10; 0: off)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an earlier run in --output_dir instead of refusing (see --resume auto)")
     return p
 
 
@@ -149,10 +180,24 @@ def validate(cfg: dict[str, Any]) -> None:
     def bad(msg: str) -> None:
         raise ConfigError(msg)
 
+    for key, kind in TYPES.items():
+        check_type(key, cfg[key], kind)
+    for key, low in _MINIMUM.items():
+        if cfg[key] is not None and cfg[key] < low:
+            bad(f"--{key} must be >= {low}, got {cfg[key]}")
+    for key in ("blr", "lr"):
+        if cfg[key] is not None and cfg[key] <= 0:
+            bad(f"--{key} must be > 0, got {cfg[key]}")
+    if cfg["device"] != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg["device"]):
+        bad(f"--device {cfg['device']!r} is not a device; use auto, cpu, cuda or cuda:N")
     try:
-        model_info(cfg["model"])
+        info = model_info(cfg["model"])
     except ValueError as e:
-        bad(f"--model: {e}")
+        raise ConfigError(f"--model: {e}") from None
+    patch = cfg["model_kwargs"].get("patch_size", info.patch_size)
+    if cfg["input_size"] % patch:
+        bad(f"--input_size {cfg['input_size']} is not a multiple of the patch size {patch}; use e.g. "
+            f"{max(patch, cfg['input_size'] // patch * patch)}")
     if not 0.0 < cfg["mask_ratio"] < 1.0:
         bad(f"--mask_ratio must be in (0, 1), got {cfg['mask_ratio']}")
     if not 0.0 < cfg["prediction_ratio"] <= cfg["mask_ratio"]:
@@ -167,6 +212,22 @@ def validate(cfg: dict[str, Any]) -> None:
         bad(f"lr_prediction_scale must be one of {LR_PREDICTION_SCALES}, got {cfg['lr_prediction_scale']!r}")
     if cfg["data_path"] in (None, ""):
         bad("--data_path is required: an ImageNet-layout root holding train/<class>/<image>, or 'builtin'")
+
+
+def check_type(key: str, value: Any, kind: str) -> None:
+    """Raise a one-line ConfigError unless `value` is of `kind` ("int", "float", "bool", "str", "dict", "?" = or None)."""
+    if kind.endswith("?"):
+        if value is None:
+            return
+        kind = kind[:-1]
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool), "str": isinstance(value, str), "dict": isinstance(value, dict)}[kind]
+    if not ok:
+        hint = {"bool": "write true or false, unquoted", "int": "write a whole number", "float": "write a number",
+                "str": "write a string", "dict": "write a mapping"}[kind]
+        raise ConfigError(f"{key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r} "
+                          f"({type(value).__name__}); {hint}")
 
 
 def create_model(cfg: dict[str, Any]) -> nn.Module:

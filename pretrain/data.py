@@ -25,7 +25,27 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MAX_REPLACEMENTS = 16
+_CACHE_LIMIT = 8 * 2**30  # bytes of decoded pixels that cache_images may hold
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB. 16- and 32-bit grey images (PIL modes I;16, I, F) are scaled to 8 bits by their
+    bit depth, where PIL's own `convert("RGB")` clips them, so that a 16-bit PNG would come out white.
+
+    Raises:
+        OSError, ValueError, Image.DecompressionBombError: as PIL for unreadable files.
+    """
+    with Image.open(path) as f:
+        f.load()
+        if f.mode.startswith("I;16") or f.mode in ("I", "F"):
+            pixels = np.asarray(f, dtype=np.float64)
+            top = 65535.0 if f.mode.startswith("I;16") or pixels.max() <= 65535 else float(pixels.max())
+            if f.mode == "F":
+                top = float(pixels.max()) or 1.0
+            grey = np.clip(np.round(pixels / top * 255.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(grey, "L").convert("RGB")
+        return f.convert("RGB")
 
 
 def train_transform(input_size: int) -> transforms.Compose:
@@ -72,46 +92,76 @@ class BuiltinImages(Dataset):
         return f"BuiltinImages(length={self.length}, size={self.size}, seed={self.seed})"
 
 
-class RobustImageFolder(Dataset):
-    """torchvision ImageFolder whose unreadable images are replaced by the next readable one.
+class RobustImages(Dataset):
+    """Image files whose unreadable members are replaced by the next readable one; yields (image, n_skipped).
 
-    Each replacement is logged with the file's path and counted in the returned `n_skipped`.
+    Each replacement is logged with the file's path and counted in the returned `n_skipped`. With `cache`, every
+    file is decoded once, here, and kept in memory as uint8 RGB: epochs then cost the augmentation only, which
+    is what a small set (the demo's 512 images) wants and what ImageNet cannot afford.
+
+    Args:
+        files: the image files, in a fixed order.
+        transform: applied to each PIL image.
+        root: where they came from, for messages.
+        cache: decode once and keep the pixels.
     """
 
-    def __init__(self, root: str | Path, transform) -> None:
-        self.folder = datasets.ImageFolder(str(root))
-        self.transform = transform
+    def __init__(self, files: Sequence[Path], transform, root: str | Path, cache: bool = False) -> None:
+        self.files, self.transform, self.root = list(files), transform, Path(root)
+        self.pixels: list[np.ndarray | None] | None = None
+        if cache:
+            self.pixels = []
+            held = 0
+            for path in self.files:
+                img = self._decode(path)
+                self.pixels.append(None if img is None else np.asarray(img))
+                held += 0 if img is None else self.pixels[-1].nbytes
+                if held > _CACHE_LIMIT:
+                    raise ConfigError(f"--cache_images would hold more than {_CACHE_LIMIT / 2**30:.0f} GiB of decoded "
+                                      f"images from {self.root}; drop it for a set this large")
+
+    @staticmethod
+    def _decode(path: Path) -> Image.Image | None:
+        try:
+            return open_rgb(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            logger.warning("skipping unreadable image %s (%s)", path, e)
+            return None
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for skipped in range(_MAX_REPLACEMENTS):
-            path, _ = self.folder.samples[(index + skipped) % len(self.folder)]
-            try:
-                with Image.open(path) as f:
-                    img = f.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                logger.warning("skipping unreadable image %s (%s)", path, e)
-                continue
-            return self.transform(img), skipped
-        raise DataError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from index {index} in "
-                           f"{self.folder.root}; check the dataset")
+            i = (index + skipped) % len(self.files)
+            if self.pixels is None:
+                img = self._decode(self.files[i])
+            else:
+                img = None if self.pixels[i] is None else Image.fromarray(self.pixels[i])
+            if img is not None:
+                return self.transform(img), skipped
+        raise DataError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from index {index} in {self.root}; "
+                        "check the dataset")
 
     def __repr__(self) -> str:
-        return f"RobustImageFolder(root={self.folder.root}, images={len(self)}, classes={len(self.folder.classes)})"
+        return f"RobustImages(root={self.root}, images={len(self)}, cached={self.pixels is not None})"
 
 
 def build_dataset(data_path: str, input_size: int, builtin_size: int = 2048, seed: int = 0,
-                  transform=None) -> Dataset:
+                  transform=None, cache_images: bool = False) -> Dataset:
     """The training set named by `data_path`, checked before any work starts.
 
     Args:
-        data_path: "builtin", or an ImageNet-layout root with images under `train/<class>/`.
+        data_path: "builtin"; an ImageNet-layout root with images under `train/<class>/`; or any folder of
+            images, searched recursively (e.g. COCO's train2017/, or the detection set's own train split).
         input_size: crop size of the training transform.
         builtin_size: number of images of the built-in source.
         seed: seed of the built-in source.
         transform: overrides the training transform.
+        cache_images: decode the files once and keep them in memory (small sets only).
+
+    Raises:
+        DataError: the path does not exist or holds no images.
     """
     transform = transform or train_transform(input_size)
     if data_path == "builtin":
@@ -119,14 +169,19 @@ def build_dataset(data_path: str, input_size: int, builtin_size: int = 2048, see
     root = Path(data_path)
     if not root.is_dir():
         raise DataError(f"--data_path {data_path} does not exist; give an ImageNet-layout root "
-                         "(DATA/train/<class>/<image>) or 'builtin'")
+                        "(DATA/train/<class>/<image>), a folder of images, or 'builtin'")
     train = root / "train"
-    if not train.is_dir():
-        raise DataError(f"{train} not found; --data_path must hold train/<class>/<image> (ImageNet layout)")
-    try:
-        return RobustImageFolder(train, transform)
-    except FileNotFoundError as e:
-        raise DataError(f"no images under {train} ({e}); expected train/<class>/<image>") from None
+    if train.is_dir():
+        try:
+            files = [Path(p) for p, _ in datasets.ImageFolder(str(train)).samples]
+        except FileNotFoundError as e:
+            raise DataError(f"no images under {train} ({e}); expected train/<class>/<image>") from None
+        return RobustImages(files, transform, train, cache_images)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images under {root} and no train/ folder in it; give an ImageNet-layout root "
+                        "(DATA/train/<class>/<image>) or a folder of images")
+    return RobustImages(files, transform, root, cache_images)
 
 
 def mask_noise(indices: Sequence[int], num_patches: int, seed: int) -> torch.Tensor:
@@ -168,8 +223,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         try:
-            with Image.open(self.files[index]) as f:
-                return self.transform(f.convert("RGB")), index, True
+            return self.transform(open_rgb(self.files[index])), index, True
         except (OSError, ValueError, Image.DecompressionBombError):
             return torch.zeros(3, self.input_size, self.input_size), index, False
 

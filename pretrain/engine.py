@@ -14,7 +14,28 @@ from .distributed import all_reduce_mean, is_main_process
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss became non-finite, or jumped far above its recent values (a divergence)."""
+
+
+class SpikeGuard:
+    """Flags a loss more than `factor` x the median of the last `window` losses, once `warm` are seen.
+
+    A diverging run (MAE losses of order 1 jumping to 1e7) is then stopped at its first spike, before an
+    epoch of it is saved; `factor` 0 turns the guard off.
+    """
+
+    def __init__(self, factor: float, window: int = 50, warm: int = 20) -> None:
+        self.factor, self.window, self.warm = factor, window, warm
+        self.recent: list[float] = []
+
+    def __call__(self, loss: float) -> str | None:
+        """None for an ordinary loss; else why it is a spike."""
+        if self.factor and len(self.recent) >= self.warm:
+            median = sorted(self.recent)[len(self.recent) // 2]
+            if loss > self.factor * median:
+                return f"loss {loss:.4g} is over {self.factor:g} x the median {median:.4g} of the last {len(self.recent)}"
+        self.recent = (self.recent + [loss])[-self.window:]
+        return None
 
 
 def autocast(device: torch.device) -> torch.autocast:
@@ -42,8 +63,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, epoch: int, cfg: dict[str, Any],
-                    peak_lr: float, writer: SummaryWriter | None = None) -> dict[str, float]:
-    """Train for one pass over `loader`.
+                    peak_lr: float, writer: SummaryWriter | None = None,
+                    spike: SpikeGuard | None = None) -> dict[str, float]:
+    """Train for one pass over `loader`; `spike` (kept across epochs by the caller) stops a diverging run.
 
     Returns:
         {"loss": mean loss over processes, "lr": last lr, "skipped_images": unreadable files replaced,
@@ -55,7 +77,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     loss_sum, skipped, seen = 0.0, 0, 0
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    bar = tqdm(loader, total=n_iter, desc=f"epoch {epoch}", disable=not is_main_process(),
+    spike = spike or SpikeGuard(0.0)
+    # disable=None: no bar when stderr is not a terminal (a log file), so nothing redraws into files
+    bar = tqdm(loader, total=n_iter, desc=f"epoch {epoch}", disable=None if is_main_process() else True,
                dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
     for it, (imgs, n_skipped) in enumerate(bar):
@@ -72,6 +96,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, iteration {it}")
+            jump = spike(loss_value)
+            if jump:
+                raise NonFiniteLossError(f"{jump} at epoch {epoch}, iteration {it}")
             scaler.scale(loss / accum).backward()
         if boundary:
             scaler.step(optimizer)

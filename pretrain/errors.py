@@ -27,6 +27,15 @@ class DataError(UserError, ValueError):
     """A dataset, image or annotation that is missing or unusable."""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line; for one re-raised from a DataLoader worker (whose message is the
+    worker's whole traceback), the original message."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[1] if ": " in lines[-1] else lines[-1]
+    return " ".join(lines)
+
+
 Main = Callable[[Sequence[str] | None], int | None]
 
 
@@ -38,8 +47,8 @@ def command(main: Main) -> Callable[[Sequence[str] | None], int]:
         try:
             return int(main(argv) or 0)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return getattr(e, "exit_code", 2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -25,13 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from timm.optim import Lars
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data import IMAGENET_MEAN, IMAGENET_STD, open_rgb
 from .errors import ConfigError, DataError
 from .models.encoder import MaskedViTEncoder
 
@@ -99,8 +98,7 @@ class ObjectCrops(Dataset):
         file_name, box, label = self.items[index]
         path = self.image_root / file_name
         try:
-            with Image.open(path) as f:
-                crop = f.convert("RGB").crop(box)
+            crop = open_rgb(path).crop(box)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {path} ({e}); check the image folder") from None
         return self.transform(crop), label
@@ -185,7 +183,8 @@ def extract_features(encoder: MaskedViTEncoder, dataset: Dataset, block: int = -
     out: torch.Tensor | None = None
     start = 0
     encoder.eval().to(device)
-    for imgs, _ in tqdm(loader, desc=desc, unit="batch", disable=rank != 0, leave=False, dynamic_ncols=True):
+    for imgs, _ in tqdm(loader, desc=desc, unit="batch", disable=None if rank == 0 else True, leave=False,
+                        dynamic_ncols=True):
         f = encoder_features(encoder, imgs.to(device), block, pool).cpu()
         if out is None:
             out = torch.empty(len(indices), f.shape[1])

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import LAST, load_checkpoint, load_model_weights, make_checkpoint, resolve_resume, save_atomic
 from .config import create_model, resolve_lr
-from .data import BuiltinImages, RobustImageFolder, build_dataset, eval_transform
+from .data import BuiltinImages, RobustImages, build_dataset, eval_transform
 from .distributed import cleanup, init_distributed, resolve_device
-from .engine import NonFiniteLossError, train_one_epoch
-from .errors import CheckpointError, DataError, UserError
+from .engine import NonFiniteLossError, SpikeGuard, train_one_epoch
+from .errors import CheckpointError, ConfigError, DataError, UserError
 from .optim import build_optimizer
 from .visualize import reconstruction_panels, save_reconstruction_grid
 
@@ -32,7 +34,13 @@ N_VIS = 4  # images in each reconstruction grid
 
 
 class TrainingDiverged(UserError):
-    """The loss became non-finite; the message names the checkpoint that was kept."""
+    """The loss became non-finite or spiked; the message names the checkpoint that was kept."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training; the message names the checkpoint that was kept. Exit status 130."""
+
+    exit_code = 130
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -44,13 +52,46 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
 
 
+def start_from_encoder(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Replace the fresh encoder of `model` with the encoder tensors of the checkpoint at `path`.
+
+    Only encoder keys are taken (`pretrain.weights.encoder_state_dict`); every encoder tensor of `model` must be
+    in the file with the same shape. Used so that two methods start from the very same encoder.
+
+    Returns:
+        The names of the replaced tensors.
+
+    Raises:
+        CheckpointError: the file lacks some of the model's encoder tensors, or has them in other shapes.
+    """
+    from .checkpoint import read_checkpoint
+    from .weights import encoder_state_dict, state_dict_of
+
+    wanted, _ = encoder_state_dict(model.state_dict())
+    given, _ = encoder_state_dict(state_dict_of(read_checkpoint(path), str(path)))
+    missing = sorted(set(wanted) - set(given))
+    if missing:
+        raise CheckpointError(f"--init_from {path} lacks encoder tensors {missing[:6]}; give a checkpoint of the same "
+                              "encoder")
+    load_model_weights(model, {k: given[k] for k in wanted}, strict=False, source=str(path))
+    return sorted(wanted)
+
+
+def save_snapshot(model: torch.nn.Module, out: Path, step: int, epoch: int, config: dict[str, Any]) -> Path:
+    """Weights only, for evaluating a run along the way: `OUT/snapshots/step-<step>.pth` = {model, step, epoch,
+    config}, atomically; unlike the resume checkpoints it holds no optimizer state."""
+    path = out / "snapshots" / f"step-{step:07d}.pth"
+    _save({"model": model.state_dict(), "step": step, "epoch": epoch, "config": dict(config)}, path)
+    return path
+
+
 def _vis_images(cfg: dict[str, Any], dataset, device: torch.device) -> torch.Tensor:
     """A fixed set of centre-cropped images for the reconstruction grids."""
     tf = eval_transform(cfg["input_size"])
     if isinstance(dataset, BuiltinImages):
         source = BuiltinImages(len(dataset), tf, seed=cfg["seed"])
     else:
-        source = RobustImageFolder(dataset.folder.root, tf)
+        source = RobustImages(dataset.files, tf, dataset.root)
     idx = np.linspace(0, len(source) - 1, N_VIS).astype(int)
     return torch.stack([source[int(i)][0] for i in idx]).to(device)
 
@@ -66,9 +107,80 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         cleanup()
 
 
+_RUN_FILES = (LAST, "config.yaml", "log.txt")
+
+
+def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+    """Make `out` ready for a run: a writable folder holding no earlier run unless resuming or overwriting.
+
+    Also removes temporary files that a kill during an atomic save leaves behind. With `overwrite`, an earlier
+    run's checkpoints, logs, snapshots, figures and TensorBoard events are deleted first.
+
+    Raises:
+        ConfigError: `out` is a file, cannot be written, or holds an earlier run (without resume / overwrite).
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output_dir {out} cannot be written ({e.strerror}); pick a folder you can write") from None
+    for tmp in out.glob(".*.tmp"):  # left by a kill during save_atomic; the file it was replacing is intact
+        tmp.unlink()
+    earlier = [f for f in _RUN_FILES if (out / f).exists()]
+    if not earlier or resuming:
+        return
+    if not overwrite:
+        raise ConfigError(f"--output_dir {out} holds an earlier run ({earlier[0]}); pass --resume auto to continue "
+                          "it, --overwrite to replace it, or give another --output_dir")
+    for path in [*out.glob("checkpoint-*.pth"), *(out / f for f in _RUN_FILES)]:
+        path.unlink(missing_ok=True)
+    for sub in ("snapshots", "recon", "tensorboard"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def _check_resumable(ckpt: dict, path: Path, cfg: dict[str, Any]) -> None:
+    missing = [k for k in ("model", "optimizer", "epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)}: it is no resume checkpoint of this trainer (a "
+                              "released or exported file?); start a new run from its encoder with --init_from")
+    model = (ckpt.get("config") or {}).get("model")
+    if model not in (None, cfg["model"]):
+        raise CheckpointError(f"{path} was trained as {model}, not --model {cfg['model']}")
+
+
+def _trim_log(out: Path, start_epoch: int) -> None:
+    """Keep only log lines of epochs before `start_epoch`: an epoch redone after a kill is logged once."""
+    log = out / "log.txt"
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] < start_epoch]
+        tmp = out / ".log.txt.tmp"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, log)
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _save(obj: Any, path: Path) -> None:
+    try:
+        save_atomic(obj, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror}); free space or fix permissions, then continue with "
+                              "--resume auto (the previous checkpoint is intact)") from None
+
+
 def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path) -> dict[str, Any]:
     main = rank == 0
-    dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"])
+    resume = resolve_resume(cfg["resume"], out)
+    if main:
+        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"])
+    dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
+                            cache_images=cfg["cache_images"])
     per_epoch = len(dataset) // (cfg["batch_size"] * world)
     if per_epoch < 1:
         raise DataError(f"{len(dataset)} images are fewer than one batch ({cfg['batch_size']} x {world} "
@@ -78,7 +190,10 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
                         pin_memory=device.type == "cuda", drop_last=True)
 
     seed_epoch(cfg["seed"], -1, 0)  # same initial weights on every process
-    model = create_model(cfg).to(device)
+    model = create_model(cfg)
+    if cfg["init_from"]:
+        start_from_encoder(model, cfg["init_from"])
+    model.to(device)
     peak_lr = resolve_lr(cfg, world)
     resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world,
                 "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world}
@@ -87,17 +202,21 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the format
 
     start_epoch = 0
-    resume = resolve_resume(cfg["resume"], out)
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        if ckpt.get("config", {}).get("model") not in (None, cfg["model"]):
-            raise CheckpointError(f"{resume} was trained as {ckpt['config']['model']}, not --model {cfg['model']}")
+        _check_resumable(ckpt, resume, cfg)
         load_model_weights(model, ckpt["model"], source=str(resume))
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch = int(ckpt["epoch"]) + 1
+        if start_epoch >= cfg["epochs"]:
+            logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
+                           "train further", resume, start_epoch - 1, cfg["epochs"])
+            return {"epochs": [], "output_dir": str(out), "complete": True}
         if main:
             logger.info("resumed from %s at epoch %d", resume, start_epoch)
+    if main:
+        _trim_log(out, start_epoch)
 
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     writer = None
@@ -105,7 +224,8 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        writer = SummaryWriter(str(out / "tensorboard"))
+        # purge_step drops events of an epoch redone after a kill (TensorBoard steps are 1/1000 epochs)
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * 1000 if start_epoch else None)
         imgs = _vis_images(cfg, dataset, device)
         n_patches = model.patchify(imgs[:1]).shape[1]
         vis = (imgs, torch.rand(N_VIS, n_patches, generator=torch.Generator().manual_seed(cfg["seed"])).to(device))
@@ -113,33 +233,47 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
                     cfg["model"], device, world, len(dataset), per_epoch, peak_lr, cfg["blr"],
                     resolved["effective_batch_size"])
 
+    if main and cfg["snapshot_every"] and start_epoch == 0:
+        save_snapshot(model, out, 0, -1, resolved)  # the step-0 weights, the control of every comparison
     history = []
+    spike = SpikeGuard(cfg["loss_spike_factor"])
     for epoch in range(start_epoch, cfg["epochs"]):
         seed_epoch(cfg["seed"], epoch, rank)
         sampler.set_epoch(epoch)
         t0 = time.time()
-        try:
-            stats = train_one_epoch(ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer)
-        except NonFiniteLossError as e:
+
+        def kept() -> str:
             last = out / LAST
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(f"{e}; stopping, {kept}; lower --blr or check the data") from None
+            return (f"the kept checkpoint {last} is from epoch {epoch - 1}" if last.exists()
+                    else "no checkpoint was written yet")
+
+        try:
+            stats = train_one_epoch(ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike)
+        except NonFiniteLossError as e:
+            raise TrainingDiverged(f"{e}; stopping before saving it: {kept()}; lower --blr or check the data") from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted in epoch {epoch}: {kept()}; continue with --resume auto") from None
+        if not _finite(model):
+            raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; stopping before saving them: {kept()}")
         stats = {"epoch": epoch, **stats}
         history.append(stats)
-        if main:
+        if main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
             ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved)
-            save_atomic(ckpt, out / LAST)
             if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
-                save_atomic(ckpt, out / f"checkpoint-{epoch}.pth")
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps({f"train_{k}": v for k, v in stats.items() if k != "epoch"} | {"epoch": epoch}) + "\n")
-            writer.add_scalar("epoch/loss", stats["loss"], epoch)
-            writer.add_scalar("epoch/images_per_s", stats["images_per_s"], epoch)
+                _save(ckpt, out / f"checkpoint-{epoch}.pth")
+            if cfg["snapshot_every"] and ((epoch + 1) % cfg["snapshot_every"] == 0 or epoch + 1 == cfg["epochs"]):
+                save_snapshot(model, out, (epoch + 1) * per_epoch // cfg["accum_iter"], epoch, resolved)
             if (epoch + 1) % cfg["vis_every"] == 0 or epoch + 1 == cfg["epochs"]:
                 model.eval()
                 panels = reconstruction_panels(model, *vis)
                 save_reconstruction_grid(panels, out / "recon" / f"epoch_{epoch:04d}.png",
                                          title=f"{cfg['model']} epoch {epoch}")
+            with open(out / "log.txt", "a") as f:
+                f.write(json.dumps({f"train_{k}": v for k, v in stats.items() if k != "epoch"} | {"epoch": epoch}) + "\n")
+            writer.add_scalar("epoch/loss", stats["loss"], (epoch + 1) * 1000)
+            writer.add_scalar("epoch/images_per_s", stats["images_per_s"], (epoch + 1) * 1000)
+            writer.flush()
+            _save(ckpt, out / LAST)
             logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", epoch, stats["loss"], stats["lr"],
                         stats["images_per_s"], time.time() - t0,
                         f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")

@@ -1,4 +1,5 @@
-"""`make demo` in miniature: pretrain both methods, convert, fine-tune three detectors, write the report."""
+"""`make demo` in miniature: self-pretrain both methods from one step-0 encoder, evaluate the snapshots, convert,
+fine-tune four detectors, write the report; reuse, refusal, the schedule, presets and the report's arithmetic."""
 import json
 
 import pytest
@@ -8,6 +9,9 @@ from detection.cli import compare_backbones
 from pretrain.config import create_model
 from pretrain.errors import ConfigError
 from workflows import cli, demo
+from workflows.report import at_compute, paired
+
+DETECTORS = ("vitdet_random", "step0", "mae", "crossmae")
 
 
 @pytest.fixture(scope="module")
@@ -17,66 +21,125 @@ def report_dir(tmp_path_factory):
     return out
 
 
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
 def test_report_files_exist_and_show_all_runs(report_dir):
-    for name in ("report.md", "ap_bars.png", "det_loss.png", "pretrain_loss.png", "recon_mae.png",
-                 "recon_crossmae.png", "predictions.png"):
+    for name in ("report.md", "report.json", "transfer_vs_compute.png", "ap_bars.png", "det_loss.png",
+                 "pretrain_loss.png", "recon_mae.png", "recon_crossmae.png", "predictions.png"):
         assert (report_dir / name).stat().st_size > 0, name
     text = (report_dir / "report.md").read_text()
-    for row in ("| random init |", "| MAE |", "| CrossMAE |"):
+    for row in ("| ViTDet random init |", "| not pretrained (step 0) |", "| MAE |", "| CrossMAE |"):
         assert row in text
-    assert "decoder GFLOPs" in text
+    assert "decoder GFLOPs" in text and "equal compute" in text and "equal steps" in text
+    report = json.loads((report_dir / "report.json").read_text())
+    run = report["runs"][0]
+    assert set(run["detection"]) == set(DETECTORS) and set(run["curves"]) == {"mae", "crossmae"}
+    for m in ("mae", "crossmae"):
+        for point in run["curves"][m]:
+            assert {"step", "pretrain_tflops", "pretrain_s", "knn", "linear", "heldout_loss"} <= set(point)
+
+
+def test_both_methods_start_from_one_encoder_and_take_the_same_steps(report_dir):
+    seed0 = report_dir / "seed0" / "pretrain"
+    a = _weights(seed0 / "mae" / "snapshots" / "step-0000000.pth")
+    b = _weights(seed0 / "crossmae" / "snapshots" / "step-0000000.pth")
+    encoder = [k for k in b if k.startswith(("blocks.", "patch_embed.", "cls_token", "pos_embed"))]
+    assert encoder and all(torch.equal(a[k], b[k]) for k in encoder)
+    steps = {m: [p.name for p in sorted((seed0 / m / "snapshots").glob("step-*.pth"))] for m in ("mae", "crossmae")}
+    assert steps["mae"] == steps["crossmae"] and len(steps["mae"]) == 3
+    configs = {m: json.loads((seed0 / m / "summary.json").read_text())["config"] for m in ("mae", "crossmae")}
+    assert configs["mae"]["lr_prediction_scale"] == configs["crossmae"]["lr_prediction_scale"] == "none"
+    assert configs["mae"]["blr"] == configs["crossmae"]["blr"] and configs["crossmae"]["prediction_ratio"] == 0.25
+    # the same encoder gives the same frozen features: the step-0 point of both curves is one measurement
+    run = json.loads((report_dir / "report.json").read_text())["runs"][0]
+    first = [run["curves"][m][0] for m in ("mae", "crossmae")]
+    assert first[0]["knn"] == first[1]["knn"] and first[0]["linear"] == first[1]["linear"]
+    assert first[0]["pretrain_tflops"] == 0 and run["curves"]["mae"][-1]["pretrain_tflops"] > \
+        run["curves"]["crossmae"][-1]["pretrain_tflops"] > 0  # same steps, CrossMAE's decoder is cheaper
 
 
 def test_each_detector_was_trained_from_its_own_initialisation(report_dir):
     seed0 = report_dir / "seed0"
-    for name in ("random_init", "mae", "crossmae"):
+    for name in DETECTORS:
         ap = json.loads((seed0 / "detection" / name / "ap.json").read_text())
         assert set(ap["bbox"]) >= {"AP", "AP50", "AP75"} and set(ap["segm"]) >= {"AP", "AP50", "AP75"}
-
-    def weights(path):
-        return torch.load(path, weights_only=True)["model"]
-
-    # two smoke iterations at lr <= 2e-4 move no backbone weight by more than ~5e-4: each pretrained detector's
-    # backbone must still be its converted encoder, tensor by tensor, and the control's must not
-    random = weights(seed0 / "detection" / "random_init" / "model_final.pth")
-    for method in ("mae", "crossmae"):
-        init = weights(seed0 / "pretrain" / method / "d2_init.pth")
-        final = weights(seed0 / "detection" / method / "model_final.pth")
+    # 14 smoke iterations at lr <= 2e-4 move no backbone weight by more than ~3e-3: each detector's backbone must
+    # still be the encoder it was converted from, tensor by tensor, and the random control's must not
+    random = _weights(seed0 / "detection" / "vitdet_random" / "model_final.pth")
+    inits = {name: _weights(seed0 / "pretrain" / f"d2_{name}.pth") for name in ("step0", "mae", "crossmae")}
+    for name, init in inits.items():
+        final = _weights(seed0 / "detection" / name / "model_final.pth")
         assert init and all(k.startswith("backbone.net.") for k in init)
         for k, v in init.items():
-            assert (final[k] - v).abs().max() < 2e-3, (method, k)
+            assert (final[k] - v).abs().max() < 1e-2, (name, k)
         assert max((random[k] - v).abs().max() for k, v in init.items()) > 0.05
+    step0 = _weights(seed0 / "pretrain" / "mae" / "snapshots" / "step-0000000.pth")
+    assert torch.equal(inits["step0"]["backbone.net.blocks.0.attn.qkv.weight"], step0["blocks.0.attn.qkv.weight"])
 
 
 def test_rerun_reuses_finished_steps_and_a_second_seed_gives_the_spread(report_dir, capsys):
     assert cli.demo(["--size", "smoke", "--output", str(report_dir), "--seeds", "0", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("done before, reusing") == 5  # seed 0: 2 pretrainings + 3 detectors; seed 1 is new
-    aps = {s: json.loads((report_dir / f"seed{s}" / "detection" / "mae" / "ap.json").read_text())["bbox"]["AP"]
-           for s in (0, 1)}
+    assert out.count("done before, reusing") == 6  # seed 0: 2 pretrainings + 4 detectors; seed 1 is new
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["seeds"] == [0, 1] and [r["seed"] for r in report["runs"]] == [0, 1]
+    aps = [r["detection"]["mae"]["bbox"]["AP"] for r in report["runs"]]
     text = (report_dir / "report.md").read_text()
-    assert "2 seeds (0, 1)" in text and "| MAE | " in text
-    mean = sum(aps.values()) / 2
-    std = abs(aps[0] - aps[1]) / 2 ** 0.5  # sample std of two values
-    assert f"| MAE | {mean:.1f} ± {std:.1f}" in text
-    assert f"| MAE | {aps[0]:.1f} / " in text  # the per-seed table
-    assert "CrossMAE minus MAE: bbox AP" in text and "paired over 2 seeds" in text
+    assert "2 seeds (0, 1)" in text
+    mean, std = sum(aps) / 2, abs(aps[0] - aps[1]) / 2 ** 0.5  # sample std of two values
+    assert f"| MAE | {mean:.1f} ± {std:.1f}" in text and f"| MAE | {aps[0]:.1f} / " in text
+    diff = report["ap_differences"]["bbox AP: CrossMAE - MAE"]
+    assert diff["n"] == 2 and diff["per_seed"] == pytest.approx(
+        [r["detection"]["crossmae"]["bbox"]["AP"] - r["detection"]["mae"]["bbox"]["AP"] for r in report["runs"]])
+    assert "2 seeds: std" in text
 
 
-def test_finished_steps_made_with_other_settings_are_refused_not_reused(report_dir):
-    # A report mixing 2-iteration runs with a --det-iters 3 header (or other pretraining) would be wrong.
+def test_finished_steps_made_with_other_settings_are_refused_not_reused(report_dir, monkeypatch):
     before = (report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text()
-    with pytest.raises(ConfigError, match=r"detection/random_init was made with other settings .*max_iter=2.*--fresh"):
-        demo.run(report_dir, "smoke", det_iters=3)
-    with pytest.raises(ConfigError, match=r"pretrain/mae was made with other settings .*epochs: 1 -> 2"):
-        demo.run(report_dir, "smoke", pretrain_epochs=2)
+    real = demo.load_preset
+
+    def changed(section, key, value):
+        def load(name, budget=None):
+            preset = real(name, budget)
+            preset[section][key] = value
+            return preset
+        return load
+
+    monkeypatch.setattr(demo, "load_preset", changed("detection", "iters", 15))
+    with pytest.raises(ConfigError, match=r"detection/vitdet_random was made with other settings .*max_iter=14.*"
+                                          r"--fresh"):
+        demo.run(report_dir, "smoke")
+    monkeypatch.setattr(demo, "load_preset", changed("pretrain", "epochs", 3))
+    with pytest.raises(ConfigError, match=r"pretrain/mae was made with other settings .*epochs: 2 -> 3"):
+        demo.run(report_dir, "smoke")
     assert (report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text() == before
 
 
-def test_repeated_seed_is_a_one_line_error(tmp_path, capsys):
+def test_repeated_seed_and_unknown_budget_are_one_line_errors(tmp_path, capsys):
     assert cli.demo(["--size", "smoke", "--output", str(tmp_path), "--seeds", "1", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "repeats a seed" in err and err.count("\n") == 1
+    assert cli.demo(["--size", "smoke", "--output", str(tmp_path), "--budget", "huge"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "repeats a seed" in err[0] and "no budget 'huge'" in err[1] and len(err) == 2
+
+
+def test_budget_merges_over_the_preset():
+    base, long = demo.load_preset("tiny"), demo.load_preset("tiny", "long")
+    assert long["pretrain"]["epochs"] > base["pretrain"]["epochs"] and long["detection"]["frozen"]
+    assert long["pretrain"]["batch_size"] == base["pretrain"]["batch_size"]  # untouched keys stay
+    assert (base["budget"], long["budget"]) == ("default", "long")
+
+
+def test_frozen_variant_fine_tunes_a_frozen_backbone():
+    from detectron2.config import LazyConfig, instantiate
+
+    preset = demo.load_preset("smoke")
+    cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / preset["detection"]["config"]))
+    cfg = LazyConfig.apply_overrides(cfg, demo.det_overrides(preset, frozen=True))
+    model = instantiate(cfg.model).train()
+    assert model.backbone.net.freeze and not model.backbone.net.training
+    assert not any(p.requires_grad for p in model.backbone.net.parameters())
 
 
 def test_compare_backbones_table_plot_and_errors(report_dir, tmp_path, capsys):
@@ -120,39 +183,47 @@ def test_mean_std_and_table_spread():
     assert "| b | 1.0 (-2.0) | n/a" in table
 
 
+def test_paired_differences_and_equal_compute_interpolation():
+    d = paired([3.0, 4.0, 5.0], [1.0, 1.5, 2.5])
+    assert d["mean"] == pytest.approx(7 / 3) and d["per_seed"] == [2.0, 2.5, 2.5] and d["result"]
+    noisy = paired([1.0, -1.0, 2.0], [0.0, 0.0, 0.0])  # signs disagree: inside the spread
+    assert not noisy["result"] and noisy["min"] == -1.0
+    assert not paired([1.0], [0.0])["result"]  # one seed has no spread to exceed
+    points = [{"pretrain_tflops": 0.0, "knn": 0.4}, {"pretrain_tflops": 2.0, "knn": 0.6},
+              {"pretrain_tflops": 4.0, "knn": 0.7}]
+    assert at_compute(points, 3.0, "knn") == pytest.approx(0.65) and at_compute(points, 0.0, "knn") == 0.4
+
+
 def test_demo_schedule_steps_the_lr_inside_a_shortened_run():
     # The tiny config places its steps at 533 / 578 of 600 iterations: a 450-iteration run passed only
     # train.max_iter would never decay. schedule_overrides must move both steps (and the warm-up) inside it.
     from detectron2.config import LazyConfig, instantiate
 
     cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / "mask_rcnn_vit_tiny_builtin.py"))
-    size = {"det_iters": 450, "det_steps": True}
-    cfg = LazyConfig.apply_overrides(cfg, demo.schedule_overrides(size))
+    cfg = LazyConfig.apply_overrides(cfg, demo.schedule_overrides(450))
     assert cfg.train.max_iter == 450 and cfg.train.eval_period == 0
     sched = instantiate(cfg.lr_multiplier)  # detectron2's LRMultiplier calls it with iteration / max_iter
     lr = [sched(i / 450) for i in range(450)]
     assert lr[0] < 0.01 and lr[100] == pytest.approx(1.0)
     assert lr[399] == pytest.approx(1.0) and lr[401] == pytest.approx(0.1) and lr[449] == pytest.approx(0.01)
     with pytest.raises(ConfigError, match="too short"):
-        demo.schedule_overrides({"det_iters": 13, "det_steps": True})
+        demo.schedule_overrides(13)
 
 
 @pytest.mark.parametrize("method", demo.METHODS)
-def test_gpu_size_small_encoder_fits_its_detector(method, tmp_path):
+def test_gpu_preset_small_encoder_fits_its_detector(method, tmp_path):
     # `--size small` is meant for a CUDA device: a mismatch between its pretraining model and its detection
     # overrides would only show after the GPU pretraining. Build both here, on CPU, through the demo's own
-    # config, conversion and override code, and check every converted tensor lands on a same-shaped one.
+    # config, conversion (which checks the target) and override code, and check every tensor lands.
     from detectron2.config import LazyConfig, instantiate
 
-    size = demo.load_preset("small")
-    cfg = demo.pretrain_config(method, size, tmp_path / "run", seed=0)
+    preset = demo.load_preset("small")
+    cfg = demo.pretrain_config(method, preset, tmp_path / "run", seed=0, data_path="unused")
     torch.save({"model": create_model(cfg).state_dict()}, tmp_path / "checkpoint.pth")
-    (tmp_path / "pretrain" / method).mkdir(parents=True)  # where the pretraining would have written
-    init = demo.convert(method, str(tmp_path / "checkpoint.pth"), tmp_path, size)
-    converted = torch.load(init, weights_only=False)["model"]
-
-    det_cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / size["det_config"]))
-    det_cfg = LazyConfig.apply_overrides(det_cfg, demo.det_overrides(size, cfg["input_size"]))
+    init = demo.convert(tmp_path / "checkpoint.pth", tmp_path / "d2.pth", preset)
+    converted = _weights(init)
+    det_cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / preset["detection"]["config"]))
+    det_cfg = LazyConfig.apply_overrides(det_cfg, demo.det_overrides(preset))
     assert det_cfg.train.device == "cuda"
     target = instantiate(det_cfg.model).state_dict()
     net = {k for k in target if k.startswith("backbone.net.") and "rel_pos" not in k}

@@ -15,7 +15,7 @@ from pretrain import checkpoint as ckpt_mod
 from pretrain.config import DEFAULTS, create_model, load_config, resolve_lr
 from pretrain.data import build_dataset, render_builtin_image
 from pretrain.engine import lr_at
-from pretrain.errors import ConfigError, DataError
+from pretrain.errors import CheckpointError, ConfigError, DataError
 from pretrain.trainer import TrainingDiverged, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(trainer, "create_model", nan_model)
-    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1.*last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1.*kept checkpoint .* is from epoch 0"):
         run({**cfg, "epochs": 2, "resume": "auto"})
     after = torch.load(Path(cfg["output_dir"]) / "checkpoint-last.pth", weights_only=True)
     assert after["epoch"] == good["epoch"] == 0
@@ -223,3 +223,54 @@ def test_two_process_gloo_ddp(tmp_path):
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"])
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped, loadable without DDP
+
+
+def test_a_folder_of_images_trains_and_caching_changes_no_loss(tmp_path):
+    # a flat folder (e.g. the detection set's train split) is a dataset; decoding once gives the same batches
+    folder = tmp_path / "imgs" / "split"
+    folder.mkdir(parents=True)
+    for i in range(16):
+        Image.fromarray(render_builtin_image(i, 40)).save(folder / f"{i:03d}.jpg")
+    runs = {}
+    for cache in (False, True):
+        cfg = tiny_cfg(tmp_path / str(cache), data_path=str(tmp_path / "imgs"), cache_images=cache, epochs=1)
+        run(cfg)
+        runs[cache] = read_log(Path(cfg["output_dir"]))[0]["train_loss"]
+    assert runs[True] == runs[False]
+    ds = build_dataset(str(tmp_path / "imgs"), 32, cache_images=True)
+    assert len(ds) == 16 and ds.pixels is not None and ds[3][0].shape == (3, 32, 32)
+
+
+def test_snapshots_hold_the_step_zero_weights_and_later_ones(tmp_path):
+    cfg = tiny_cfg(tmp_path, epochs=3, snapshot_every=2)
+    run(cfg)
+    snaps = sorted((Path(cfg["output_dir"]) / "snapshots").glob("step-*.pth"))
+    per_epoch = 16 // 4
+    assert [p.name for p in snaps] == [f"step-{s:07d}.pth" for s in (0, 2 * per_epoch, 3 * per_epoch)]
+    first = torch.load(snaps[0], weights_only=True)
+    assert set(first) == {"model", "step", "epoch", "config"} and first["step"] == 0
+    torch.manual_seed(0)
+    from pretrain.trainer import seed_epoch
+
+    seed_epoch(cfg["seed"], -1, 0)
+    fresh = create_model(cfg).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in first["model"].items())  # step 0 is the untrained model
+    last = torch.load(snaps[-1], weights_only=True)["model"]
+    final = torch.load(Path(cfg["output_dir"]) / "checkpoint-last.pth", weights_only=True)["model"]
+    assert all(torch.equal(final[k], v) for k, v in last.items())
+
+
+def test_init_from_starts_another_method_from_the_same_encoder(tmp_path):
+    mae = tiny_cfg(tmp_path / "mae", model="mae_vit_tiny_patch16", epochs=1, snapshot_every=1)
+    run(mae)
+    step0 = Path(mae["output_dir"]) / "snapshots" / "step-0000000.pth"
+    cross = tiny_cfg(tmp_path / "cross", epochs=1, snapshot_every=1, init_from=str(step0))
+    run(cross)
+    a = torch.load(step0, weights_only=True)["model"]
+    b = torch.load(Path(cross["output_dir"]) / "snapshots" / "step-0000000.pth", weights_only=True)["model"]
+    encoder = [k for k in b if k.startswith(("blocks.", "patch_embed.", "cls_token", "pos_embed"))]
+    assert encoder and all(torch.equal(a[k], b[k]) for k in encoder)
+    assert not torch.equal(a["mask_token"], b["mask_token"]) or a["mask_token"].shape != b["mask_token"].shape
+    bad = tiny_cfg(tmp_path / "bad", epochs=1, init_from=str(step0), model_kwargs={**TINY, "depth": 3})
+    with pytest.raises(CheckpointError, match="lacks encoder tensors"):
+        run(bad)

@@ -241,3 +241,18 @@ def test_optimizer_params_from_lazyconfig_apply_the_factor():
     assert of["head.bias"]["lr"] == pytest.approx(2e-4) and of["head.bias"]["weight_decay"] == 0.1
     with pytest.raises(ValueError, match="base_lr"):
         get_optimizer_params(model, lr_factor_func=get_vit_lr_decay_rate)
+
+
+def test_a_frozen_backbone_learns_nothing_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    model = _pyramid(freeze=True, drop_path_rate=0.5).train()
+    assert not model.net.training and model.training and all(not b.training for b in model.net.blocks)
+    out = model(torch.randn(2, 3, 64, 64))
+    sum(v.square().mean() for v in out.values()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.net.parameters())
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("net."))
+    params = {id(p) for g in get_optimizer_params(model, base_lr=1e-4, weight_decay=0.1) for p in g["params"]}
+    assert not params & {id(p) for p in model.net.parameters()}  # the optimizer never sees the ViT
+    with torch.no_grad():  # eval mode: drop path off, so two passes agree
+        torch.testing.assert_close(model.net(torch.ones(1, 3, 64, 64))["last_feat"],
+                                   model.net(torch.ones(1, 3, 64, 64))["last_feat"])

@@ -16,18 +16,17 @@ def demo(argv: Sequence[str] | None = None) -> None:
     from .demo import presets, run
 
     p = argparse.ArgumentParser(description=demo.__doc__)
-    p.add_argument("--output", default="demo_output", help="where everything is written (default demo_output)")
+    p.add_argument("--output", help="where everything is written (default demo_output, or demo_output/BUDGET)")
     p.add_argument("--size", choices=presets(), default="tiny",
                    help="a preset of configs/demo/*.yaml: tiny (2-core CPU), small (a CUDA device), smoke "
                         "(seconds, the pipeline in miniature)")
+    p.add_argument("--budget", help="a budget of the preset, merged over it: `long` (tiny: about 2 hours)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one full run (pretraining and detection) per seed; the report gives mean ± std "
                         "(default: 0; `--seeds 0 1 2` takes three times as long)")
-    p.add_argument("--pretrain-epochs", type=int, help="override the preset's pretraining epochs")
-    p.add_argument("--det-iters", type=int, help="override the preset's detection iterations")
     p.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of reusing finished steps")
     a = p.parse_args(argv)
-    print(run(a.output, a.size, a.seeds, a.pretrain_epochs, a.det_iters, a.fresh))
+    print(run(a.output, a.size, a.seeds, a.budget, a.fresh))
 
 
 @command

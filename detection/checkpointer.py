@@ -1,0 +1,69 @@
+"""detectron2's checkpointer, made safe: every weights path that reaches detectron2 (init, resume, eval) goes
+through the project's loader, and a load that leaves the backbone unset fails instead of training on random
+weights.
+
+- `.pth` / `.safetensors`: `pretrain.checkpoint.read_checkpoint`, i.e. `torch.load(weights_only=True)` or
+  safetensors: no code from the file runs.
+- `.pkl` (detectron2's model zoo, Caffe2 conversions): unpickling runs code, so it is refused unless the user
+  passes `--trust-pickle` (then detectron2's own loader reads it).
+- After loading: every `backbone.net.*` weight except the relative-position tables (new in ViTDet, zero-init)
+  must have been set with the right shape; `strict=True` (evaluation) requires every weight of the model.
+  `allow_partial=True` (`--allow-partial-init`) keeps detectron2's warn-and-continue behaviour.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from pretrain.checkpoint import read_checkpoint
+from pretrain.errors import CheckpointError
+
+__all__ = ["SafeCheckpointer"]
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """`DetectionCheckpointer` that never unpickles code unless trusted and refuses partial loads.
+
+    Args:
+        model, save_dir, checkpointables: as `DetectionCheckpointer`.
+        trust_pickle: allow `.pkl` files and pickled Python objects in `.pth` files.
+        allow_partial: let a load leave backbone (or, with `strict`, any) weights unset, with detectron2's warning.
+        strict: every weight of the model must be in the file (for evaluating a trained model).
+    """
+
+    def __init__(self, model: Any, save_dir: str = "", *, trust_pickle: bool = False, allow_partial: bool = False,
+                 strict: bool = False, **checkpointables: Any) -> None:
+        super().__init__(model, save_dir, **checkpointables)
+        self.trust_pickle, self.allow_partial, self.strict = trust_pickle, allow_partial, strict
+        self._source = ""
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        self._source = filename
+        if filename.endswith(".pkl"):
+            if not self.trust_pickle:
+                raise CheckpointError(f"{filename} is a pickle (.pkl): loading it runs code from the file; pass "
+                                      "--trust-pickle only if you trust its source (e.g. detectron2's model zoo)")
+            return super()._load_file(filename)
+        loaded = read_checkpoint(filename, trust_pickle=self.trust_pickle)
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint dict; give a "
+                                  "detectron2 checkpoint (e.g. from tools/convert_pretrain_to_d2.py)")
+        return loaded if "model" in loaded else {"model": loaded}
+
+    def _load_model(self, checkpoint: Any) -> Any:
+        incompatible = super()._load_model(checkpoint)
+        if self.allow_partial or incompatible is None:
+            return incompatible
+        wrong_shape = [k for k, *_ in incompatible.incorrect_shapes]
+        unset = [k for k in incompatible.missing_keys + wrong_shape
+                 if self.strict or (k.startswith("backbone.net.") and ".rel_pos_" not in k)]
+        if unset:
+            what = "weights of the model" if self.strict else "backbone weights"
+            raise CheckpointError(
+                f"{self._source} leaves {len(unset)} {what} unset ({', '.join(sorted(unset)[:3])}"
+                f"{', ...' if len(unset) > 3 else ''}"
+                + (f"; {len(wrong_shape)} of another shape" if wrong_shape else "")
+                + "): it is no converted checkpoint of this ViT; convert it with tools/convert_pretrain_to_d2.py "
+                "--config CONFIG, or pass --allow-partial-init to go on from what loads")
+        return incompatible
