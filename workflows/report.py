@@ -182,7 +182,8 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
              f"{seed_text}. This invocation took {total_s / 60:.1f} min.", "",
              "## Frozen encoder at the end of pretraining", "",
              "Object probe: every ground-truth box of the detection set cropped to the encoder's input, the spatial "
-             f"grid of block {cfg['probe']['block']}'s tokens; k-NN (k {cfg['probe']['k']}, T "
+             f"grid of {'the last block' if cfg['probe']['block'] == -1 else 'block ' + str(cfg['probe']['block'])}'s "
+             f"tokens; k-NN (k {cfg['probe']['k']}, T "
              f"{cfg['probe']['temperature']}) and a linear probe (BatchNorm + linear, {cfg['probe']['epochs']} epochs) "
              "trained on the train split's objects, scored on the val split's. Held-out loss: normalised-pixel MSE "
              "over every masked patch of the val images, fixed masks, both methods.", "",
