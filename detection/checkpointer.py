@@ -12,6 +12,7 @@ weights.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -58,6 +59,13 @@ class SafeCheckpointer(DetectionCheckpointer):
         wrong_shape = [k for k, *_ in incompatible.incorrect_shapes]
         unset = [k for k in incompatible.missing_keys + wrong_shape
                  if self.strict or (k.startswith("backbone.net.") and ".rel_pos_" not in k)]
+        pos = [shape for k, shape, _ in incompatible.incorrect_shapes if k == "backbone.net.pos_embed"]
+        if pos and not self.allow_partial and math.isqrt(pos[0][1] - 1) ** 2 == pos[0][1] - 1:
+            # the commonest mismatch: an encoder pretrained at another resolution (e.g. CrossMAE's ViT-B/448)
+            patch = self.model.backbone.net.patch_embed.proj.kernel_size[0]
+            size = math.isqrt(pos[0][1] - 1) * patch
+            raise CheckpointError(f"{self._source} holds a pos_embed for {size} px pretraining, the config one for "
+                                  f"another size; add model.backbone.net.pretrain_img_size={size} to the command")
         if unset:
             what = "weights of the model" if self.strict else "backbone weights"
             raise CheckpointError(

@@ -84,7 +84,8 @@ def convert(argv: Sequence[str] | None = None) -> None:
 
     IN is a checkpoint whose "model" entry is an encoder (+ decoder) state dict with timm/MAE names, or a bare
     timm ViT state dict. OUT holds `{"model": {"backbone.net.<key>": tensor}, "__author__": ...}`; load it with
-    `train.init_checkpoint=OUT`.
+    `train.init_checkpoint=OUT`. Trailing key=value pairs override --config as they do for tools/train_net.py;
+    give both commands the same ones (e.g. model.backbone.net.pretrain_img_size=448 for a 448 px pretraining).
     """
     from .convert import convert_checkpoint, target_from_config
 
@@ -99,7 +100,10 @@ def convert(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load IN with weights_only=False (only for files you trust, e.g. ones holding args)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of --config, the same as for tools/train_net.py, e.g. "
+                             "model.backbone.net.pretrain_img_size=448")
+    args = parser.parse_intermixed_args(argv)
 
     flags = {"embed_dim": args.embed_dim, "depth": args.depth, "patch_size": args.patch_size,
              "pretrain_img_size": args.pretrain_img_size}
@@ -107,7 +111,9 @@ def convert(argv: Sequence[str] | None = None) -> None:
         parser.error("give either --config or --embed-dim/--depth/--patch-size/--pretrain-img-size, not both")
     if not args.config and None in (args.embed_dim, args.depth, args.patch_size):
         parser.error("give --config, or all of --embed-dim, --depth and --patch-size, to check the encoder")
-    target = target_from_config(args.config) if args.config else flags
+    if args.opts and not args.config:
+        parser.error("key=value overrides apply to --config; give --config, or --pretrain-img-size etc. without it")
+    target = target_from_config(args.config, args.opts) if args.config else flags
     used, ignored = convert_checkpoint(args.input, args.output, target, args.trust_pickle, args.overwrite)
     print(f"used {len(used)} keys: {summarize(used)}")
     print(f"ignored {len(ignored)} keys: {summarize(ignored)}")

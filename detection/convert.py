@@ -73,10 +73,12 @@ def to_vitdet(sd: Mapping[str, torch.Tensor], *, embed_dim: int | None = None, d
         pos_embed = _with_cls_slot(sd["pos_embed"])
         grid = math.isqrt(pos_embed.shape[1] - 1)
         if pretrain_img_size is not None and grid != pretrain_img_size // found["patch_size"]:
+            size = grid * found["patch_size"]
             raise CheckpointError(f"checkpoint pos_embed is a {grid}x{grid} grid but pretrain_img_size="
                                   f"{pretrain_img_size} with patch {found['patch_size']} wants "
-                                  f"{pretrain_img_size // found['patch_size']}; set pretrain_img_size to "
-                                  f"{grid * found['patch_size']}")
+                                  f"{pretrain_img_size // found['patch_size']}; set pretrain_img_size to {size} "
+                                  f"(add model.backbone.net.pretrain_img_size={size} to the converter's and "
+                                  "train_net's command lines)")
         new_sd[prefix + "pos_embed"] = pos_embed
     return new_sd, used, ignored
 
@@ -97,19 +99,23 @@ def target_from_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[
 
     Args:
         path: the LazyConfig file.
-        overrides: `key=value` overrides applied first, as train_net will apply them.
+        overrides: `key=value` overrides applied first, as train_net will apply them (e.g.
+            "model.backbone.net.pretrain_img_size=448" for an encoder pretrained at 448 px).
 
     Raises:
-        ConfigError: the file does not exist or has no `model.backbone.net`.
+        ConfigError: the file does not exist, has no `model.backbone.net`, or an override names no config key.
     """
     from detectron2.config import LazyConfig
 
+    from .train import check_overrides
     from .vit import ViT
 
     if not Path(path).is_file():
         raise ConfigError(f"config {path} not found; see configs/COCO/ and configs/demo/")
+    cfg = LazyConfig.load(str(path))
+    check_overrides(cfg, list(overrides))
     try:
-        net = LazyConfig.apply_overrides(LazyConfig.load(str(path)), list(overrides)).model.backbone.net
+        net = LazyConfig.apply_overrides(cfg, list(overrides)).model.backbone.net
     except AttributeError:
         raise ConfigError(f"{path} has no model.backbone.net; give a ViTDet config") from None
     defaults = inspect.signature(ViT).parameters

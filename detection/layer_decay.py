@@ -17,20 +17,26 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm2d
 
 __all__ = ["get_vit_lr_decay_rate", "get_optimizer_params"]
 
+# detectron2's `norm_module_types`: their parameters get `weight_decay_norm`.
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
-    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,  # LayerNorm covers timm LayerNorm2d
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
 )
 
 
-def _norm_types() -> tuple[type[nn.Module], ...]:
-    import detectron2.layers as d2_layers  # current detectron2 has its own channels-first LayerNorm; v0.6 has not
+def _is_norm(module: nn.Module) -> bool:
+    """Whether detectron2 would give `module`'s parameters `weight_decay_norm`.
 
-    extra = getattr(d2_layers, "LayerNorm", None)
-    return _NORM_TYPES + ((extra,) if isinstance(extra, type) else ())
+    ViTDet's channels-first LayerNorm (`detectron2.layers.LayerNorm`, the "LN" of the pyramid and the heads) is a
+    plain `nn.Module`, so it is not in `norm_module_types` and its parameters get the ordinary weight decay (0.1
+    in the COCO configs). timm's `LayerNorm2d`, which stands in for it here, subclasses `nn.LayerNorm`, so it is
+    left out by name; the ViT blocks' own `nn.LayerNorm`s still count as norms.
+    """
+    return isinstance(module, _NORM_TYPES) and not isinstance(module, LayerNorm2d)
 
 
 def get_vit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers: int = 12) -> float:
@@ -64,7 +70,8 @@ def get_optimizer_params(model: nn.Module, base_lr: float | None = None, weight_
     """Parameter groups for a torch optimizer, merged so that each group has distinct hyperparameters.
 
     Semantics of current detectron2's `get_default_optimizer_params`: hyperparameters left unset here come
-    from the optimizer's own arguments; parameters of norm layers get `weight_decay_norm`; `lr_factor_func`
+    from the optimizer's own arguments; parameters of norm layers (detectron2's `norm_module_types`, which do
+    not include the channels-first LayerNorm: see `_is_norm`) get `weight_decay_norm`; `lr_factor_func`
     multiplies `base_lr` by a factor of the full parameter name ("module.param") and stores the product as
     the group's "lr", which detectron2's LR schedulers then scale; `overrides` maps a bare parameter name
     (e.g. "pos_embed", "rel_pos_h") to hyperparameters that win over everything else.
@@ -90,7 +97,6 @@ def get_optimizer_params(model: nn.Module, base_lr: float | None = None, weight_
         defaults["lr"] = base_lr
     if weight_decay is not None:
         defaults["weight_decay"] = weight_decay
-    norm_types = _norm_types()
     groups: dict[tuple[tuple[str, float], ...], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -99,7 +105,7 @@ def get_optimizer_params(model: nn.Module, base_lr: float | None = None, weight_
                 continue
             seen.add(id(param))
             hyper = copy.copy(defaults)
-            if isinstance(module, norm_types) and weight_decay_norm is not None:
+            if weight_decay_norm is not None and _is_norm(module):
                 hyper["weight_decay"] = weight_decay_norm
             if lr_factor_func is not None:
                 hyper["lr"] *= lr_factor_func(f"{module_name}.{param_name}")

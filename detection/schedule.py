@@ -31,7 +31,7 @@ def vitdet_milestones(max_iter: int) -> list[int]:
     return milestones
 
 
-def vitdet_lr_multiplier(max_iter: int, warmup_iters: int, warmup_factor: float = 0.001):
+def vitdet_lr_multiplier(max_iter: int, warmup_iters: float, warmup_factor: float = 0.001):
     """A LazyCall `WarmupParamScheduler` over `MultiStepParamScheduler` with ViTDet's steps for `max_iter`.
 
     detectron2 evaluates it at `iteration / max_iter`, so the warm-up is given as a fraction of the run.

@@ -5,7 +5,8 @@ main; "Exploring Plain Vision Transformer Backbones for Object Detection", arXiv
 constructor arguments and state-dict keys, so LazyConfigs and checkpoints move between the two unchanged.
 Differences: attention runs through `F.scaled_dot_product_attention` with the decomposed relative position
 as an additive mask (`attn_impl="eager"` keeps the explicit softmax), activation checkpointing uses
-`torch.utils.checkpoint`, and the channels-first "LN" norm that detectron2 v0.6 lacks is provided here.
+`torch.utils.checkpoint`, the channels-first "LN" norm that detectron2 v0.6 lacks is provided here, and
+`SimpleFeaturePyramid` pads its input to `square_pad` itself, which detectron2 v0.6 does not do.
 """
 from __future__ import annotations
 
@@ -307,8 +308,11 @@ class SimpleFeaturePyramid(Backbone):
         scale_factors: Subset of (4.0, 2.0, 1.0, 0.5), giving strides `stride / scale`.
         top_block: Optional extra levels (e.g. detectron2's `LastLevelMaxPool` for p6).
         norm: Norm of the output convs ("LN" in ViTDet).
-        square_pad: If > 0, inputs are to be padded to this square size (read through `padding_constraints`
-            by detectron2 versions that have it).
+        square_pad: If > 0, every input is padded (bottom and right, with zeros) to this square before the ViT,
+            as ViTDet, whose detectron2 pads the normalised batch to `padding_constraints["square_size"]`.
+            detectron2 v0.6 never reads `padding_constraints` and pads only to `size_divisibility`, so the
+            pyramid pads here on every version; an input that already is square_pad x square_pad is untouched.
+            Padding the bottom and right keeps the image's coordinates, so boxes need no shift.
     """
 
     def __init__(self, net: Backbone, in_feature: str, out_channels: int, scale_factors: tuple[float, ...],
@@ -363,7 +367,14 @@ class SimpleFeaturePyramid(Backbone):
         return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, C, H, W), H and W multiples of `size_divisibility` -> {"p2": (N, out, H / 4, W / 4), ...}."""
+        """(N, C, H, W), H and W multiples of `size_divisibility` -> {"p2": (N, out, H' / 4, W' / 4), ...}.
+
+        H' = max(H, square_pad) and W' = max(W, square_pad): a side shorter than `square_pad` is zero-padded
+        (zero is ViTDet's padding value: the image is already normalised), a longer one is left as it is.
+        """
+        pad_h, pad_w = max(self._square_pad - x.shape[-2], 0), max(self._square_pad - x.shape[-1], 0)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         bottom_up = self.net(x)
         results = [stage(bottom_up[self.in_feature]) for stage in self.stages]
         if self.top_block is not None:

@@ -2,8 +2,8 @@
 
 - `reconstruction_grids`: original | masked | reconstruction | reconstruction + visible, one PNG per batch,
   with masks that depend only on (seed, image index).
-- `analyze_attention`: MAE's mask-token attention mass per decoder block (the paper's Table 6), or CrossMAE's
-  learned feature-map weights, as .md / .csv / .json tables and a figure.
+- `analyze_attention`: MAE's mask-token attention per decoder block (the paper's Table 6 statistic, per key, and
+  the per-query mass), or CrossMAE's learned feature-map weights, as .md / .csv / .json tables and a figure.
 """
 from __future__ import annotations
 
@@ -78,7 +78,10 @@ def reconstruction_grids(checkpoint: str | Path, images: Sequence[str] = (), bui
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, stem: str, meta: dict[str, Any]) -> str:
-    """Write rows as STEM.csv, STEM.json (with `meta`) and STEM.md; returns the markdown table."""
+    """Write rows as STEM.csv, STEM.json (with `meta`) and STEM.md; returns the markdown table.
+
+    STEM.md starts with `meta["title"]` and, if `meta` has "columns" ({column(s): meaning}), one line per entry.
+    """
     columns = list(rows[0])
 
     def fmt(v: Any) -> str:
@@ -92,25 +95,25 @@ def write_table(rows: list[dict[str, Any]], out: Path, stem: str, meta: dict[str
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
     table = "\n".join(lines)
-    (out / f"{stem}.md").write_text(f"{meta['title']}\n\n{table}\n")
+    notes = "".join(f"- `{k}`: {v}\n" for k, v in meta.get("columns", {}).items())
+    (out / f"{stem}.md").write_text(f"{meta['title']}\n\n" + (f"{notes}\n" if notes else "") + f"{table}\n")
     return table
 
 
 def plot_attention_mass(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
-    """Bars per decoder block: mass on visible patches and cls (stacked) beside the mass on mask tokens."""
+    """Bars per decoder block of Table 6's statistic: attention per visible key (cls + visible patches) beside
+    attention per mask key, summed over heads; the title gives both statistics' sums over blocks."""
     blocks, total = rows[:-1], rows[-1]
     x = range(len(blocks))
     fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.6 * len(blocks)), 3.6))
-    ax.bar([i - 0.2 for i in x], [r["visible_patches"] for r in blocks], 0.4, label="visible patches")
-    ax.bar([i - 0.2 for i in x], [r["cls"] for r in blocks], 0.4, bottom=[r["visible_patches"] for r in blocks],
-           label="cls (visible)")
-    ax.bar([i + 0.2 for i in x], [r["mask"] for r in blocks], 0.4, label="mask tokens")
+    ax.bar([i - 0.2 for i in x], [r["visible"] for r in blocks], 0.4, label="per visible key (cls + patches)")
+    ax.bar([i + 0.2 for i in x], [r["mask"] for r in blocks], 0.4, label="per mask key")
     ax.set_xticks(list(x), [r["block"] for r in blocks])
     ax.set_xlabel("decoder block")
-    ax.set_ylabel("mass of mask-token queries")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{title}\nsum over {len(blocks)} blocks: visible {total['visible']:.2f}, "
-                 f"mask {total['mask']:.2f}", fontsize=9)
+    ax.set_ylabel("attention of a mask-token query\nper key, summed over heads")
+    ax.set_title(f"{title}\nsum over {len(blocks)} blocks, per key (Table 6): visible {total['visible']:.2f}, "
+                 f"mask {total['mask']:.2f}; mass: visible {total['visible_mass']:.2f}, "
+                 f"mask {total['mask_mass']:.2f}", fontsize=8)
     ax.legend(fontsize=7)
     return save_figure(fig, path, dpi=120)
 
@@ -127,6 +130,15 @@ def plot_feature_weights(weights: torch.Tensor, rows: list[str], columns: list[s
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return save_figure(fig, path, dpi=120)
+
+
+COLUMN_NOTES = {
+    "visible, mask": "Table 6's statistic: attention of a mask-token query per key of the group (visible: cls + "
+                     "visible patches; mask: mask tokens), averaged over queries, images and the group's keys, "
+                     "summed over heads",
+    "*_mass": "softmax mass of a mask-token query on the whole group, averaged over heads, queries and images; "
+              "visible_mass + mask_mass = 1 per block",
+}
 
 
 def _mae_report(model, info: dict[str, Any], checkpoint: str | Path, images: Sequence[str], builtin: int | None,
@@ -146,14 +158,18 @@ def _mae_report(model, info: dict[str, Any], checkpoint: str | Path, images: Seq
         totals.add(sums, count, len(idx))
     if totals.count == 0:
         raise DataError("none of the images could be read; check IMAGES")
-    rows = attention_mass_rows(totals.means())
+    len_keep, num_heads = model.num_visible(), model.decoder_blocks[0].attn.num_heads
+    rows = attention_mass_rows(totals.means(), num_heads, len_keep, model.num_patches)
     title = (f"{Path(checkpoint).name} ({info['name']}): attention of mask tokens, {totals.images} images, "
              f"mask ratio {info['mask_ratio']:g}, seed {seed}")
     meta = {"title": title, "checkpoint": str(checkpoint), "model": info["name"], "images": totals.images,
-            "skipped_images": skipped, "mask_ratio": info["mask_ratio"], "seed": seed, "cls_counts_as": "visible"}
+            "skipped_images": skipped, "mask_ratio": info["mask_ratio"], "seed": seed, "cls_counts_as": "visible",
+            "num_heads": num_heads, "visible_keys": 1 + len_keep, "mask_keys": model.num_patches - len_keep,
+            "columns": COLUMN_NOTES}
     table = write_table(rows, out, "attention", meta)
     plot_attention_mass(rows, info["name"], out / "attention.png")
-    return f"{title}\n{table}"
+    notes = "".join(f"{k}: {v}\n" for k, v in COLUMN_NOTES.items())
+    return f"{title}\n{notes}{table}"
 
 
 def _crossmae_report(model: CrossMAE, info: dict[str, Any], checkpoint: str | Path, out: Path) -> str:

@@ -1,10 +1,21 @@
-"""What a pretrained decoder does: attention mass of MAE's mask tokens, CrossMAE's feature-map weights.
+"""What a pretrained decoder does: attention of MAE's mask tokens, CrossMAE's feature-map weights.
 
-MAE (CrossMAE paper, Table 6): for each decoder block, the softmax probability that mask-token
-queries put on visible tokens versus on mask tokens, averaged over heads, mask-token queries and
-images. The cls token counts as visible: its decoder input is the encoder's cls output, computed
-from the visible patches only, and with it the two masses sum to 1 in every block. Its share is
-also reported on its own, so the convention that leaves it out can be read off the same run.
+MAE (CrossMAE paper, Table 6: ViT-B mask tokens give 1.42 to visible tokens and 0.39 to mask tokens, summed
+over the 8 decoder blocks). Two statistics of the same softmax probabilities, per decoder block, for
+mask-token queries:
+
+- per key (the default, Table 6's): the attention one mask-token query puts on one key of a group, averaged
+  over the queries (and images) and over the keys of the group, summed over heads. The visible group is the
+  1 + len_keep keys of cls and the visible patches, the mask group the L - len_keep mask tokens. The paper's
+  text defining it could not be read here; its figures fit this reading: a block's heads give each query a
+  total of `num_heads`, so 50 * visible + 147 * mask summed over blocks must be 8 blocks * 16 heads = 128 for
+  ViT-B/16 at mask ratio 0.75, and 50 * 1.42 + 147 * 0.39 = 128.3 (with 49 visible keys, cls left out: 126.9).
+- mass (`*_mass`): the softmax probability a mask-token query puts on the whole group, averaged over heads,
+  queries and images; the two groups add up to 1 in every block.
+
+The cls token counts as visible: its decoder input is the encoder's cls output, computed from the visible
+patches only. Its share is also reported on its own, so the convention that leaves it out can be read off the
+same run.
 
 CrossMAE has no self-attention between mask tokens; what it learns about depth is the inter-block
 weighting `wfm.linear.weight`: (decoder block, encoder feature map).
@@ -151,17 +162,37 @@ class AttentionMass:
         return self.sums / self.count
 
 
-def attention_mass_rows(means: torch.Tensor) -> list[dict[str, Any]]:
+def per_key_attention(means: torch.Tensor, num_heads: int, len_keep: int, num_patches: int) -> torch.Tensor:
+    """Table 6's statistic from the mean masses: attention per key of each group, summed over heads.
+
+    Args:
+        means: (depth, len(KEY_GROUPS)) mean mass per mask-token query and head (`AttentionMass.means()`).
+        num_heads: heads of each decoder block.
+        len_keep: visible patches per image.
+        num_patches: L, patches per image.
+
+    Returns:
+        (depth, 2) float64: per block, [visible (cls + visible patches, 1 + len_keep keys), mask
+        (L - len_keep keys)].
+    """
+    visible = (means[:, CLS] + means[:, VISIBLE]) / (1 + len_keep)
+    mask = means[:, MASK] / (num_patches - len_keep)
+    return torch.stack([visible, mask], dim=1) * num_heads
+
+
+def attention_mass_rows(means: torch.Tensor, num_heads: int, len_keep: int, num_patches: int) -> list[dict[str, Any]]:
     """Table rows, one per decoder block and a final "sum" over blocks (the paper's Table 6 totals).
 
-    Columns: `visible` (patches + cls) and `mask`, which add up to 1 per block, then the split
-    of `visible` into `visible_patches` and `cls`.
+    Columns: `visible` and `mask`, the per-key attention summed over heads (Table 6's statistic, see
+    `per_key_attention`); then the per-query masses `visible_mass` (patches + cls) and `mask_mass`, which add up
+    to 1 per block, and the split of `visible_mass` into `visible_patches_mass` and `cls_mass`.
     """
+    per_key = per_key_attention(means, num_heads, len_keep, num_patches).tolist()
     rows = []
-    for i, m in enumerate(means.tolist()):
-        rows.append({"block": str(i), "visible": m[CLS] + m[VISIBLE], "mask": m[MASK],
-                     "visible_patches": m[VISIBLE], "cls": m[CLS]})
-    rows.append({"block": "sum", **{k: sum(r[k] for r in rows) for k in ("visible", "mask", "visible_patches", "cls")}})
+    for i, (m, k) in enumerate(zip(means.tolist(), per_key)):
+        rows.append({"block": str(i), "visible": k[0], "mask": k[1], "visible_mass": m[CLS] + m[VISIBLE],
+                     "mask_mass": m[MASK], "visible_patches_mass": m[VISIBLE], "cls_mass": m[CLS]})
+    rows.append({"block": "sum", **{c: sum(r[c] for r in rows) for c in rows[0] if c != "block"}})
     return rows
 
 

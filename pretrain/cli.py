@@ -86,7 +86,8 @@ def visualize(argv: Sequence[str] | None = None) -> None:
 
 @command
 def analyze_attention(argv: Sequence[str] | None = None) -> None:
-    """Decoder analysis: MAE's mask-token attention mass per block (Table 6), CrossMAE's feature-map weights."""
+    """Decoder analysis: MAE's mask-token attention per block (Table 6's per-key statistic and the per-query
+    mass), CrossMAE's feature-map weights."""
     from .analyze import analyze_attention as analyze
 
     p = argparse.ArgumentParser(description=analyze_attention.__doc__)

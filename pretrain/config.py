@@ -16,18 +16,20 @@ import torch.nn as nn
 import yaml
 
 from .errors import ConfigError
-from .models import build_model, model_info
+from .models import VIT_SIZES, build_model, model_info
 
 DEFAULTS: dict[str, Any] = {
     "model": "crossmae_vit_tiny_patch16",
     "batch_size": 64,  # per process; effective = batch_size * accum_iter * world_size
     "epochs": 400,
     "accum_iter": 1,
+    "step_partial_accum": False,  # also step on an epoch's last, partial accumulation group (official: dropped)
     "input_size": 224,
     "mask_ratio": 0.75,
     "prediction_ratio": 0.75,  # CrossMAE only: fraction of all patches reconstructed
     "decoder_depth": None,  # None: the model's default (CrossMAE 12, MAE 8)
     "model_kwargs": {},  # recipe-only: further builder overrides, e.g. {decoder_embed_dim: 256}
+    "use_fm": None,  # CrossMAE: encoder blocks the decoder reads, official meaning ([-1]: all); None: all
     "norm_pix_loss": True,
     "weight_decay": 0.05,
     "lr": None,  # absolute lr; None: derived from blr (see resolve_lr)
@@ -55,8 +57,9 @@ DEFAULTS: dict[str, Any] = {
 # What each key holds; "?" admits None. Values from YAML recipes are checked against it, so `epochs: "ten"`,
 # `batch_size: 8.5` or a quoted `"no"` for a flag fail at once rather than deep inside a run.
 TYPES: dict[str, str] = {
-    "model": "str", "batch_size": "int", "epochs": "int", "accum_iter": "int", "input_size": "int",
-    "mask_ratio": "float", "prediction_ratio": "float", "decoder_depth": "int?", "model_kwargs": "dict",
+    "model": "str", "batch_size": "int", "epochs": "int", "accum_iter": "int", "step_partial_accum": "bool",
+    "input_size": "int", "mask_ratio": "float", "prediction_ratio": "float", "decoder_depth": "int?",
+    "model_kwargs": "dict", "use_fm": "ints?",
     "norm_pix_loss": "bool", "weight_decay": "float", "lr": "float?", "blr": "float", "lr_prediction_scale": "str",
     "min_lr": "float", "warmup_epochs": "float", "data_path": "str?", "builtin_size": "int", "cache_images": "bool",
     "init_from": "str", "output_dir": "str", "resume": "str", "num_workers": "int", "seed": "int", "device": "str",
@@ -95,11 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, help="batch size per process")
     p.add_argument("--epochs", type=int)
     p.add_argument("--accum_iter", type=int, help="gradient accumulation steps")
+    p.add_argument("--step_partial_accum", action=argparse.BooleanOptionalAction,
+                   help="also step the optimizer on an epoch's last, partial accumulation group (the official "
+                        "MAE / CrossMAE trainers drop it, the default)")
     p.add_argument("--input_size", type=int)
     p.add_argument("--mask_ratio", type=float, help="fraction of patches hidden from the encoder")
     p.add_argument("--prediction_ratio", "--kept_mask_ratio", dest="prediction_ratio", type=float,
                    help="CrossMAE: fraction of all patches reconstructed (<= mask_ratio)")
     p.add_argument("--decoder_depth", type=int)
+    p.add_argument("--use_fm", nargs="+", type=int,
+                   help="CrossMAE: encoder blocks whose outputs the decoder's feature weighting reads, as in the "
+                        "official code: -1 alone means all blocks (the default), otherwise block indices, "
+                        "negative ones counted from the end (e.g. --use_fm 5 11)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction)
     p.add_argument("--weight_decay", type=float)
     p.add_argument("--lr", type=float, help="absolute learning rate (overrides --blr)")
@@ -210,23 +220,37 @@ def validate(cfg: dict[str, Any]) -> None:
         bad(f"--warmup_epochs ({cfg['warmup_epochs']}) exceeds --epochs ({cfg['epochs']}): lower --warmup_epochs")
     if cfg["lr_prediction_scale"] not in LR_PREDICTION_SCALES:
         bad(f"lr_prediction_scale must be one of {LR_PREDICTION_SCALES}, got {cfg['lr_prediction_scale']!r}")
+    if cfg["use_fm"] is not None:
+        if info.family != "crossmae" and cfg["use_fm"] != [-1]:
+            bad(f"--use_fm selects CrossMAE's feature maps; {cfg['model']} is an MAE model: drop --use_fm")
+        if "use_fm" in cfg["model_kwargs"]:
+            bad("use_fm is given twice (as use_fm and in model_kwargs); keep the use_fm key, whose -1 means all "
+                "blocks as in the official code")
+        depth = cfg["model_kwargs"].get("depth", VIT_SIZES[info.size]["depth"])
+        if not cfg["use_fm"] or any(not -depth <= i < depth for i in cfg["use_fm"]):
+            bad(f"--use_fm {cfg['use_fm']} names blocks outside the encoder's {depth}; use indices from "
+                f"{-depth} to {depth - 1}, or -1 alone for all")
     if cfg["data_path"] in (None, ""):
         bad("--data_path is required: an ImageNet-layout root holding train/<class>/<image>, or 'builtin'")
 
 
 def check_type(key: str, value: Any, kind: str) -> None:
-    """Raise a one-line ConfigError unless `value` is of `kind` ("int", "float", "bool", "str", "dict", "?" = or None)."""
+    """Raise a one-line ConfigError unless `value` is of `kind` ("int", "float", "bool", "str", "dict", "ints" (a
+    list of ints); a trailing "?" admits None)."""
     if kind.endswith("?"):
         if value is None:
             return
         kind = kind[:-1]
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
           "bool": isinstance(value, bool), "str": isinstance(value, str), "dict": isinstance(value, dict)}[kind]
     if not ok:
         hint = {"bool": "write true or false, unquoted", "int": "write a whole number", "float": "write a number",
+                "ints": "write a list of whole numbers, e.g. [-1]",
                 "str": "write a string", "dict": "write a mapping"}[kind]
-        raise ConfigError(f"{key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r} "
+        article = {"int": "an int", "ints": "a list of ints"}.get(kind, f"a {kind}")
+        raise ConfigError(f"{key} must be {article}, got {value!r} "
                           f"({type(value).__name__}); {hint}")
 
 
@@ -236,7 +260,16 @@ def create_model(cfg: dict[str, Any]) -> nn.Module:
                                  "norm_pix_loss": cfg["norm_pix_loss"], "mask_ratio": cfg["mask_ratio"]}
     if cfg["decoder_depth"] is not None:
         overrides["decoder_depth"] = cfg["decoder_depth"]
+    crossmae = model_info(cfg["model"]).family == "crossmae"
+    if crossmae and cfg.get("use_fm") is not None:
+        overrides["use_fm"] = model_use_fm(cfg["use_fm"])
     model = build_model(cfg["model"], **overrides)
-    if model_info(cfg["model"]).family == "crossmae":
+    if crossmae:
         model.prediction_ratio = cfg["prediction_ratio"]
     return model
+
+
+def model_use_fm(use_fm: list[int]) -> list[int] | None:
+    """The official `--use_fm` as `CrossMAE(use_fm=...)`: the official code reads a lone -1 as every block
+    (`models_cross.py`), where the model's argument would read it as the last block; None means every block."""
+    return None if list(use_fm) == [-1] else list(use_fm)

@@ -61,11 +61,25 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def optimizer_steps_per_epoch(n_iter: int, accum_iter: int, step_partial_accum: bool) -> int:
+    """Optimizer steps in an epoch of `n_iter` iterations accumulated in groups of `accum_iter`.
+
+    The official MAE / CrossMAE trainers step only when `(it + 1) % accum_iter == 0`, so a last, partial group
+    is dropped (its gradients are cleared at the next epoch's start); `step_partial_accum` steps on it too.
+    """
+    return -(-n_iter // accum_iter) if step_partial_accum else n_iter // accum_iter
+
+
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, epoch: int, cfg: dict[str, Any],
                     peak_lr: float, writer: SummaryWriter | None = None,
                     spike: SpikeGuard | None = None) -> dict[str, float]:
     """Train for one pass over `loader`; `spike` (kept across epochs by the caller) stops a diverging run.
+
+    Gradients are accumulated over `cfg["accum_iter"]` iterations per optimizer step. A last group shorter than
+    that is dropped, as in the official trainers: its losses are computed and logged, its gradients never
+    applied; with `cfg["step_partial_accum"]` it is stepped on instead (its gradient then sums fewer losses,
+    each still divided by `accum_iter`).
 
     Returns:
         {"loss": mean loss over processes, "lr": last lr, "skipped_images": unreadable files replaced,
@@ -74,6 +88,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     model.train()
     accum = cfg["accum_iter"]
     n_iter = len(loader)
+    # iterations from `last_step_end` on belong to a partial group that is dropped
+    last_step_end = min(n_iter, optimizer_steps_per_epoch(n_iter, accum, cfg.get("step_partial_accum", False)) * accum)
     loss_sum, skipped, seen = 0.0, 0, 0
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
@@ -87,10 +103,12 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             lr = lr_at(epoch + it / n_iter, cfg, peak_lr)
             set_lr(optimizer, lr)
         imgs = imgs.to(device, non_blocking=True)
-        boundary = (it + 1) % accum == 0 or it + 1 == n_iter
+        boundary = (it + 1) % accum == 0 or it + 1 == last_step_end
+        dropped = it >= last_step_end
         # skip the DDP gradient all-reduce on accumulation steps that do not step the optimizer
         sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        # a dropped group's gradients would be discarded: its losses are computed without them
+        with sync, torch.no_grad() if dropped else nullcontext():
             with autocast(device):
                 loss = model(imgs).loss
             loss_value = loss.item()
@@ -99,7 +117,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             jump = spike(loss_value)
             if jump:
                 raise NonFiniteLossError(f"{jump} at epoch {epoch}, iteration {it}")
-            scaler.scale(loss / accum).backward()
+            if not dropped:
+                scaler.scale(loss / accum).backward()
         if boundary:
             scaler.step(optimizer)
             scaler.update()

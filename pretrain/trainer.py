@@ -24,7 +24,7 @@ from .checkpoint import LAST, load_checkpoint, load_model_weights, make_checkpoi
 from .config import create_model, resolve_lr
 from .data import BuiltinImages, RobustImages, build_dataset, eval_transform
 from .distributed import cleanup, init_distributed, resolve_device
-from .engine import NonFiniteLossError, SpikeGuard, train_one_epoch
+from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, UserError
 from .optim import build_optimizer
 from .visualize import reconstruction_panels, save_reconstruction_grid
@@ -185,6 +185,11 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     if per_epoch < 1:
         raise DataError(f"{len(dataset)} images are fewer than one batch ({cfg['batch_size']} x {world} "
                          "processes); lower --batch_size or add data")
+    steps_per_epoch = optimizer_steps_per_epoch(per_epoch, cfg["accum_iter"], cfg["step_partial_accum"])
+    if steps_per_epoch < 1:
+        raise ConfigError(f"--accum_iter {cfg['accum_iter']} exceeds the {per_epoch} iterations of an epoch, whose "
+                          "partial group is dropped as in the official trainers: the optimizer would never step; "
+                          "lower --accum_iter or pass --step_partial_accum")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True)
@@ -262,7 +267,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
             if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
                 _save(ckpt, out / f"checkpoint-{epoch}.pth")
             if cfg["snapshot_every"] and ((epoch + 1) % cfg["snapshot_every"] == 0 or epoch + 1 == cfg["epochs"]):
-                save_snapshot(model, out, (epoch + 1) * per_epoch // cfg["accum_iter"], epoch, resolved)
+                save_snapshot(model, out, (epoch + 1) * steps_per_epoch, epoch, resolved)
             if (epoch + 1) % cfg["vis_every"] == 0 or epoch + 1 == cfg["epochs"]:
                 model.eval()
                 panels = reconstruction_panels(model, *vis)

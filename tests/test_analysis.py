@@ -103,6 +103,47 @@ def test_mae_attention_mass_matches_an_explicit_computation():
     assert not torch.allclose(got[:, 0], torch.tensor(5 / 17, dtype=torch.float64))  # not uniform attention
 
 
+def test_table6_statistic_is_the_per_key_attention_summed_over_heads():
+    """Table 6's reading: per block, a mask query's attention on one key of a group, averaged over the queries
+    (and images) and the group's keys, summed over heads; then summed over blocks. Written out here key by key."""
+    model = tiny("mae_vit_tiny_patch16")
+    torch.manual_seed(3)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, L)
+    totals = AttentionMass(2)
+    totals.add(*mae_attention_mass(model, imgs, noise), images=3)
+    rows = attention_mass_rows(totals.means(), num_heads=2, len_keep=4, num_patches=L)
+
+    inputs = []
+    handles = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.decoder_blocks]
+    with torch.no_grad():
+        visible = model(imgs, noise=noise).visible
+        expected = []
+        for block, x in zip(model.decoder_blocks, inputs):
+            p = explicit_softmax_attention(block, x)
+            block_total = torch.zeros(2, dtype=torch.float64)
+            for h in range(2):
+                per_visible_key, per_mask_key = [], []
+                for n in range(3):
+                    keys_visible = torch.cat([torch.tensor([True]), visible[n]])  # cls + 4 visible patches
+                    assert int(keys_visible.sum()) == 5
+                    for t in torch.nonzero(~visible[n]).flatten() + 1:
+                        per_visible_key.append(p[n, h, t, keys_visible].mean())
+                        per_mask_key.append(p[n, h, t, ~keys_visible].mean())  # the 12 mask tokens
+                block_total += torch.stack([torch.stack(per_visible_key).mean(),
+                                            torch.stack(per_mask_key).mean()]).double()
+            expected.append(block_total)
+    for h in handles:
+        h.remove()
+    got = torch.tensor([[r["visible"], r["mask"]] for r in rows[:2]], dtype=torch.float64)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-7)
+    assert rows[2]["visible"] == pytest.approx(float(got[:, 0].sum()))
+    assert rows[2]["mask"] == pytest.approx(float(got[:, 1].sum()))
+    # the per-query mass is kept beside it: 5 visible keys x per-key / heads
+    for r in rows[:2]:
+        assert r["visible_mass"] == pytest.approx(r["visible"] * 5 / 2, rel=1e-6)
+        assert r["visible_mass"] + r["mask_mass"] == pytest.approx(1.0)
+
+
 def test_uniform_attention_gives_token_shares():
     # zero q and k: every query spreads its attention evenly over cls + 16 patches
     model = tiny("mae_vit_tiny_patch16")
@@ -110,11 +151,23 @@ def test_uniform_attention_gives_token_shares():
         torch.nn.init.zeros_(block.attn.qkv.weight)
         torch.nn.init.zeros_(block.attn.qkv.bias)
     sums, count = mae_attention_mass(model, torch.randn(2, 3, 32, 32), torch.rand(2, L), verify=True)
-    rows = attention_mass_rows(sums / count)
+    rows = attention_mass_rows(sums / count, num_heads=2, len_keep=4, num_patches=L)
     for row in rows[:2]:
-        assert row["cls"] == pytest.approx(1 / 17)
-        assert row["visible"] == pytest.approx(5 / 17) and row["mask"] == pytest.approx(12 / 17)
-    assert rows[-1]["block"] == "sum" and rows[-1]["visible"] == pytest.approx(10 / 17)
+        assert row["cls_mass"] == pytest.approx(1 / 17)
+        assert row["visible_mass"] == pytest.approx(5 / 17) and row["mask_mass"] == pytest.approx(12 / 17)
+        # per key, every key gets 1 / 17 of each of the 2 heads: no preference, whatever the group sizes
+        assert row["visible"] == pytest.approx(2 / 17) and row["mask"] == pytest.approx(2 / 17)
+    assert rows[-1]["block"] == "sum" and rows[-1]["visible_mass"] == pytest.approx(10 / 17)
+    assert rows[-1]["visible"] == pytest.approx(4 / 17)
+
+
+def test_table6_reading_fits_the_papers_vit_b_figures():
+    """ViT-B/16 at mask ratio 0.75: 50 visible keys (cls + 49), 147 mask keys, 16 heads, 8 blocks. Per key, a
+    query's attention summed over keys and heads is 16 per block, so the paper's totals must give 8 * 16."""
+    means = torch.tensor([[0.0, 0.5, 0.5]] * 8, dtype=torch.float64)  # any masses summing to 1 per block
+    total = attention_mass_rows(means, num_heads=16, len_keep=49, num_patches=196)[-1]
+    assert 50 * total["visible"] + 147 * total["mask"] == pytest.approx(8 * 16)
+    assert 50 * 1.42 + 147 * 0.39 == pytest.approx(8 * 16, abs=0.5)  # Table 6's 1.42 / 0.39 fit this reading
 
 
 def test_verify_catches_a_recomputation_that_differs_from_the_block():
@@ -270,16 +323,22 @@ def test_analyze_attention_mae_writes_the_table(tmp_path):
     result = json.loads((out / "attention.json").read_text())
     rows = result["rows"]
     assert result["images"] == 5 and [r["block"] for r in rows] == ["0", "1", "sum"]
+    assert list(rows[0]) == ["block", "visible", "mask", "visible_mass", "mask_mass", "visible_patches_mass",
+                             "cls_mass"]
     for r in rows[:2]:
-        assert r["visible"] + r["mask"] == pytest.approx(1.0)
-        assert r["visible"] == pytest.approx(r["visible_patches"] + r["cls"])
+        assert r["visible_mass"] + r["mask_mass"] == pytest.approx(1.0)
+        assert r["visible_mass"] == pytest.approx(r["visible_patches_mass"] + r["cls_mass"])
     assert rows[2]["mask"] == pytest.approx(rows[0]["mask"] + rows[1]["mask"])
+    assert (result["visible_keys"], result["mask_keys"], result["num_heads"]) == (5, 12, 2)
+    assert "Table 6" in result["columns"]["visible, mask"]
+    assert "Table 6" in (out / "attention.md").read_text()  # the table says which column is which
 
-    model, _ = load_pretrain_model(ckpt)  # the same statistic, computed here in one batch
+    model, _ = load_pretrain_model(ckpt)  # the same statistics, computed here in one batch
     images = Builtin(5, 32, seed=4)
     imgs = torch.stack([images[i][0] for i in range(5)])
     sums, count = mae_attention_mass(model, imgs, mask_noise(range(5), L, seed=4))
-    assert rows[0]["mask"] == pytest.approx(float(sums[0, MASK] / count), rel=1e-6)
+    assert rows[0]["mask_mass"] == pytest.approx(float(sums[0, MASK] / count), rel=1e-6)
+    assert rows[0]["mask"] == pytest.approx(float(sums[0, MASK] / count) * 2 / 12, rel=1e-6)  # 2 heads, 12 keys
     with open(out / "attention.csv") as f:
         assert float(list(csv.DictReader(f))[1]["visible"]) == pytest.approx(rows[1]["visible"])
 

@@ -147,3 +147,48 @@ def test_pickled_objects_need_trust_flag(tmp_path, capsys):
     assert convert_main(flags) == 2
     assert "--trust-pickle" in capsys.readouterr().err and not out.exists()
     assert convert_main(flags + ["--trust-pickle"]) == 0 and out.exists()
+
+
+def test_a_pretraining_at_another_resolution_reaches_vitdet_through_one_override(tmp_path, capsys):
+    """CrossMAE's ViT-B/448 path in miniature: an encoder pretrained at 128 px (8 x 8 pos_embed) into the smoke
+    config (pretrain_img_size 96): converter and train_net take the same `pretrain_img_size` override."""
+    from pathlib import Path
+
+    from detectron2.config import LazyConfig, instantiate
+
+    from detection import train
+    from detection.checkpointer import SafeCheckpointer
+    from detection.cli import train_net_parser
+    from pretrain.config import DEFAULTS, create_model
+    from pretrain.errors import CheckpointError
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
+    cfg = {**DEFAULTS, "model": "crossmae_vit_tiny_patch16", "input_size": 128, "decoder_depth": 1,
+           "model_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
+                            "decoder_num_heads": 2}}
+    torch.manual_seed(0)
+    pretrained = create_model(cfg)
+    src, out = tmp_path / "pretrain_128.pth", tmp_path / "d2.pth"
+    torch.save({"model": pretrained.state_dict(), "optimizer": {}, "epoch": 0, "config": cfg}, src)
+    override = "model.backbone.net.pretrain_img_size=128"
+
+    assert convert_main([str(src), str(out), "--config", smoke]) == 2  # the config's 96 px grid: refused
+    err = capsys.readouterr().err
+    assert override in err and err.count("\n") == 1 and not out.exists()
+    assert convert_main([str(src), str(out), "--config", smoke, "model.backbone.net.pretrain_img_sise=128"]) == 2
+    assert "did you mean model.backbone.net.pretrain_img_size" in capsys.readouterr().err
+    assert convert_main([str(src), str(out), "--config", smoke, override]) == 0
+    converted = torch.load(out, weights_only=True)["model"]
+    assert converted["backbone.net.pos_embed"].shape == (1, 1 + 8 * 8, 32)
+
+    # train_net without the override names it; with it, every backbone weight loads and training runs
+    with pytest.raises(CheckpointError, match=override):
+        SafeCheckpointer(instantiate(LazyConfig.load(smoke).model)).load(str(out))
+    run_dir = tmp_path / "det"
+    train.main(train_net_parser().parse_args(["--config-file", smoke, f"train.output_dir={run_dir}",
+                                              f"train.init_checkpoint={out}", override]))
+    final = torch.load(run_dir / "model_final.pth", weights_only=True)["model"]
+    assert final["backbone.net.pos_embed"].shape == (1, 65, 32)
+    # two steps at lr <= 1e-4 move the pretrained weights by less than 1e-3 (ViTDet's random init: std 0.02)
+    torch.testing.assert_close(final["backbone.net.blocks.0.attn.qkv.weight"],
+                               pretrained.state_dict()["blocks.0.attn.qkv.weight"], rtol=0, atol=1e-3)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from pretrain import checkpoint as ckpt_mod
 from pretrain.config import DEFAULTS, create_model, load_config, resolve_lr
 from pretrain.data import build_dataset, render_builtin_image
-from pretrain.engine import lr_at
+from pretrain.engine import lr_at, optimizer_steps_per_epoch, train_one_epoch
 from pretrain.errors import CheckpointError, ConfigError, DataError
 from pretrain.trainer import TrainingDiverged, run
 
@@ -88,7 +89,110 @@ def test_crossmae_recipes_are_deltas_over_the_base_recipe():
     base = load("base")
     for size in ("small", "large", "huge"):
         other = load(size)
-        assert {k for k in base if base[k] != other[k]} == {"model", "recipe"}, size
+        # the released ViT-H is the one run at prediction ratio 0.25 (vith-mr0.75-kmr0.25-dd12)
+        differ = {"model", "recipe"} | ({"prediction_ratio"} if size == "huge" else set())
+        assert {k for k in base if base[k] != other[k]} == differ, size
+    assert load("huge")["prediction_ratio"] == 0.25
+
+
+@pytest.mark.parametrize("recipe, over, changed", [
+    ("mae_vit_small_400ep", "mae_vit_small_800ep", {"epochs": 400, "warmup_epochs": 20}),
+    ("mae_vit_base_400ep", "mae_vit_base_800ep", {"epochs": 400, "warmup_epochs": 20}),
+    ("crossmae_vit_small_400ep", "crossmae_vit_small_800ep", {"epochs": 400, "warmup_epochs": 20}),
+    ("crossmae_vit_base_400ep", "crossmae_vit_base_800ep", {"epochs": 400, "warmup_epochs": 20}),
+    # the released vitb-448 run: 400 epochs at 448 px, mask and prediction ratio 0.75
+    ("crossmae_vit_base_448_400ep", "crossmae_vit_base_800ep", {"epochs": 400, "input_size": 448}),
+])
+def test_ablation_and_448_recipes_are_small_deltas(recipe, over, changed):
+    def load(name: str) -> dict:
+        return load_config(["--config", str(ROOT / f"configs/pretrain/{name}.yaml"), "--data_path", "/data/imagenet"])
+
+    cfg, base = load(recipe), load(over)
+    assert {k: cfg[k] for k in cfg if k != "recipe" and cfg[k] != base[k]} == changed
+    if "crossmae" in recipe:
+        assert (cfg["mask_ratio"], cfg["prediction_ratio"]) == (0.75, 0.75)
+
+
+def _crossmae_from_flags(*flags: str):
+    cfg = load_config(["--model", "crossmae_vit_tiny_patch16", "--input_size", "32", *flags])
+    cfg["model_kwargs"] = TINY  # 2 encoder blocks
+    return cfg, create_model(cfg)
+
+
+@pytest.mark.parametrize("flags, blocks", [
+    ((), [0, 1]),  # default: every block, as the released runs
+    (("--use_fm", "-1"), [0, 1]),  # the official default: a lone -1 means every block, not the last one
+    (("--use_fm", "-2"), [0]),
+    (("--use_fm", "0", "-1"), [0, 1]),
+    (("--use_fm", "1"), [1]),
+])
+def test_use_fm_flag_means_what_the_official_code_means(flags, blocks):
+    cfg, model = _crossmae_from_flags(*flags)
+    assert model.use_fm == blocks
+    assert model.wfm.linear.weight.shape[1] == len(blocks) + 1  # + the input map (--use_input)
+    assert cfg["use_fm"] == ([int(f) for f in flags[1:]] or None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "crossmae_vit_base_patch16", "--use_fm", "12"], "outside the encoder's 12"),
+    (["--model", "mae_vit_base_patch16", "--use_fm", "3"], "MAE model"),
+])
+def test_bad_use_fm_is_a_one_line_error(argv, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(argv)
+    assert "\n" not in str(e.value)
+    load_config(["--model", "mae_vit_base_patch16", "--use_fm", "-1"])  # the official default, pasted: harmless
+
+
+def test_use_fm_in_a_recipe_is_type_checked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: crossmae_vit_base_patch16\nuse_fm: all\n")
+    with pytest.raises(ConfigError, match="use_fm must be a list of ints"):
+        load_config(["--config", str(recipe)])
+    recipe.write_text("model: crossmae_vit_base_patch16\nuse_fm: [-1]\nmodel_kwargs: {use_fm: [3]}\n")
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(["--config", str(recipe)])
+
+
+class _Scalar(torch.nn.Module):
+    """loss = w * x for a scalar batch x: each iteration's gradient is its own x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, imgs: torch.Tensor):
+        return SimpleNamespace(loss=self.w * imgs.sum())
+
+
+@pytest.mark.parametrize("step_partial, expected_steps, expected_w", [
+    (False, 2, -((1 + 2) / 2 + (3 + 4) / 2)),  # official: iteration 5 (a group of 1) never reaches the weights
+    (True, 3, -((1 + 2) / 2 + (3 + 4) / 2 + 5 / 2)),  # stepped on, its loss still divided by accum_iter
+])
+def test_last_partial_accumulation_group(step_partial, expected_steps, expected_w):
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(model.w.item()))
+    loader = [(torch.tensor([float(x)]), torch.tensor([0])) for x in (1, 2, 3, 4, 5)]
+    cfg = {"accum_iter": 2, "warmup_epochs": 0, "epochs": 1, "min_lr": 1.0, "log_every": 1}
+    if step_partial:
+        cfg["step_partial_accum"] = True
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), 0, cfg, peak_lr=1.0)
+    assert len(steps) == expected_steps == optimizer_steps_per_epoch(5, 2, step_partial)
+    assert model.w.item() == pytest.approx(expected_w)
+    assert model.w.grad is None  # nothing left over for the next epoch
+    # the dropped group's loss is still logged: w is 0, 0, -1.5, -1.5, -5 when the five losses are computed
+    assert stats["loss"] == pytest.approx((0 + 0 - 1.5 * 3 - 1.5 * 4 - 5 * 5) / 5)
+    assert optimizer_steps_per_epoch(4, 2, step_partial) == 2
+
+
+def test_default_is_the_official_accumulation_and_refuses_an_epoch_without_steps(tmp_path):
+    assert load_config([])["step_partial_accum"] is False
+    assert load_config(["--step_partial_accum"])["step_partial_accum"] is True
+    with pytest.raises(ConfigError, match="optimizer would never step"):  # 16 images / batch 4 = 4 iterations
+        run(tiny_cfg(tmp_path, accum_iter=8, epochs=1))
 
 
 def test_lr_rule():

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import detection  # noqa: F401  (compat layer before detectron2)
 from detection import train
 from detection.cli import train_net as train_net_cli
 from detection.cli import train_net_parser
-from detectron2.config import LazyConfig
+from detectron2.config import LazyConfig, instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
@@ -71,13 +72,13 @@ def _coco(name: str):
 
 
 @pytest.mark.parametrize("size, dim, depth, heads, drop_path, decay, global_blocks", [
-    ("b", 768, 12, 12, 0.1, 0.7, (2, 5, 8, 11)),
-    ("l", 1024, 24, 16, 0.4, 0.8, (5, 11, 17, 23)),
-    ("h", 1280, 32, 16, 0.5, 0.9, (7, 15, 23, 31)),
+    ("b_100ep", 768, 12, 12, 0.1, 0.7, (2, 5, 8, 11)),
+    ("l_100ep", 1024, 24, 16, 0.4, 0.8, (5, 11, 17, 23)),
+    ("h_75ep", 1280, 32, 16, 0.5, 0.9, (7, 15, 23, 31)),
 ])
 @pytest.mark.parametrize("arch", ["mask_rcnn", "cascade_mask_rcnn"])
 def test_coco_configs_follow_the_vitdet_recipe(arch, size, dim, depth, heads, drop_path, decay, global_blocks):
-    cfg = _coco(f"{arch}_vitdet_{size}_100ep")
+    cfg = _coco(f"{arch}_vitdet_{size}")
     net = cfg.model.backbone.net
     assert (net.embed_dim, net.depth, net.num_heads, net.drop_path_rate, net.window_size) == (
         dim, depth, heads, drop_path, 14)
@@ -86,15 +87,23 @@ def test_coco_configs_follow_the_vitdet_recipe(arch, size, dim, depth, heads, dr
     assert factor.keywords == {"num_layers": depth, "lr_decay_rate": decay}
     assert factor("backbone.net.patch_embed.proj.weight") == pytest.approx(decay ** (depth + 1))
     assert (cfg.optimizer.lr, tuple(cfg.optimizer.betas), cfg.optimizer.weight_decay) == (1e-4, (0.9, 0.999), 0.1)
-    assert cfg.train.max_iter == 184375 and cfg.train.amp.enabled
     sched = cfg.lr_multiplier
-    assert list(sched.scheduler.milestones) == [163889, 177546] and sched.scheduler.num_updates == 184375
-    assert sched.warmup_length * 184375 == pytest.approx(250)
+    if size == "h_75ep":  # ViTDet's H: 75 epochs, B's iterations and steps x 3 // 4, B's warm-up fraction
+        assert cfg.train.max_iter == 138281 and sched.scheduler.num_updates == 138281
+        assert list(sched.scheduler.milestones) == [163889 * 3 // 4, 177546 * 3 // 4] == [122916, 133159]
+        assert sched.warmup_length == pytest.approx(250 / 184375, rel=1e-4)
+    else:
+        assert cfg.train.max_iter == 184375 and sched.scheduler.num_updates == 184375
+        assert list(sched.scheduler.milestones) == [163889, 177546]
+        assert sched.warmup_length * 184375 == pytest.approx(250)
+    assert cfg.train.amp.enabled
     loader = cfg.dataloader.train
     assert loader.total_batch_size == 64 and loader.dataset.names == "coco_2017_train"
     resize, crop = loader.mapper.augmentations[1:]
+    # no padding in the crop, as ViTDet: the backbone pads to the square (square_pad)
     assert (resize.min_scale, resize.max_scale, resize.target_height, crop.crop_size, crop.pad) == (
-        0.1, 2.0, 1024, [1024, 1024], True)
+        0.1, 2.0, 1024, [1024, 1024], False)
+    assert cfg.model.backbone.square_pad == 1024
     assert cfg.dataloader.test.dataset.names == "coco_2017_val"
     roi = cfg.model.roi_heads
     if arch == "cascade_mask_rcnn":
@@ -105,12 +114,122 @@ def test_coco_configs_follow_the_vitdet_recipe(arch, size, dim, depth, heads, dr
     assert list(cfg.model.proposal_generator.head.conv_dims) == [-1, -1]
 
 
-def test_coco_config_builds_a_vitdet_b_mask_rcnn_with_layer_decay():
-    from detectron2.config import instantiate
+@pytest.fixture(scope="module")
+def coco_b():
+    """The COCO ViT-B Mask R-CNN config and its model (built once: 100M parameters)."""
+    cfg = _coco("mask_rcnn_vitdet_b_100ep")
+    torch.manual_seed(0)
+    return cfg, instantiate(cfg.model)
+
+
+class _Reached(Exception):
+    """Raised by a hook once the ViT's input is seen, so the test does not pay for a ViT-B forward at 1024 px."""
+
+
+def _vit_input_shape(model, run) -> tuple[int, ...]:
+    seen = []
+
+    def stop(module, args):
+        seen.append(args[0])
+        raise _Reached
+
+    handle = model.backbone.net.register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(_Reached), torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_coco_b_model_sees_the_square_at_test_time_on_any_detectron2(coco_b):
+    """A 768 x 1024 test image reaches the ViT as 1024 x 1024 (ViTDet's square, zeros after normalisation): on
+    detectron2 v0.6, which pads only to a multiple of 32, and on one that pads to the square itself."""
+    from detectron2.structures import ImageList
+
+    _, model = coco_b
+    model.eval()
+    image = torch.rand(3, 768, 1024) * 255
+    x = _vit_input_shape(model, lambda: model([{"image": image}]))
+    assert x.shape == (1, 3, 1024, 1024)
+    normalised = (image - model.pixel_mean) / model.pixel_std
+    torch.testing.assert_close(x[0, :, :768], normalised)
+    assert not x[0, :, 768:].any()  # bottom padding: zeros, i.e. the pixel mean before normalisation
+
+    # a detectron2 that pads to square_size itself (main's padding_constraints): no second pad
+    padded = ImageList.from_tensors([normalised], size_divisibility=1024).tensor
+    assert padded.shape == (1, 3, 1024, 1024)
+    x = _vit_input_shape(model, lambda: model.backbone(padded))
+    assert x.shape == (1, 3, 1024, 1024) and torch.equal(x, padded)
+
+
+def test_coco_b_param_groups_decay_the_channels_first_layernorms_as_vitdet(coco_b):
+    """ViTDet's "LN" of the pyramid and heads is detectron2's plain-Module LayerNorm: not a norm type for the
+    optimizer, so weight decay 0.1; the ViT blocks' nn.LayerNorms keep weight_decay_norm = 0."""
+    from timm.layers import LayerNorm2d
+
+    cfg, model = coco_b
+    cfg.optimizer.params.model = model
+    groups = instantiate(cfg.optimizer).param_groups
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    checked = 0
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "pos_embed":
+                expected = 0.0  # the config's override
+            elif isinstance(module, nn.LayerNorm) and not isinstance(module, LayerNorm2d):
+                expected = 0.0  # weight_decay_norm
+            else:
+                expected = 0.1
+            assert wd_of[id(p)] == expected, f"{module_name}.{name}"
+            checked += 1
+    assert checked == len(list(model.parameters()))
+    assert wd_of[id(model.backbone.simfp_2[1].weight)] == 0.1  # the pyramid's first LN
+    assert wd_of[id(model.backbone.simfp_5[-1].norm.bias)] == 0.1  # an output conv's LN
+    assert wd_of[id(model.roi_heads.box_head.conv1.norm.weight)] == 0.1
+    assert wd_of[id(model.roi_heads.mask_head.mask_fcn1.norm.weight)] == 0.1
+    assert wd_of[id(model.backbone.net.blocks[0].norm1.weight)] == 0.0
+
+
+def test_lsj_keeps_the_crop_size_as_the_image_size():
+    """LSJ crops without padding: an image that the resize leaves smaller than the square stays its size, and
+    so does the recorded image size that proposals are clipped to."""
+    from detectron2.data import DatasetCatalog
+
+    cfg = LazyConfig.load(SMOKE)
+    mapper_cfg = cfg.dataloader.train.mapper
+    resize, crop = mapper_cfg.augmentations[1:]
+    resize.min_scale = resize.max_scale = 0.5  # 64 px images -> 32 px, inside the 64 px crop
+    assert crop.pad is False and cfg.model.backbone.square_pad == 64
+    mapper = instantiate(mapper_cfg)
+    record = DatasetCatalog.get(cfg.dataloader.train.dataset.names)[0]
+    out = mapper(record)
+    assert out["image"].shape[1:] == (32, 32)
+    assert out["instances"].image_size == (32, 32)
+
+
+def test_smoke_model_predicts_in_the_original_image_coordinates():
+    """Padding to the square (bottom and right) moves no pixel: detections are clipped to the original image."""
+    cfg = LazyConfig.load(SMOKE)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).eval()
+    model.proposal_generator.post_nms_topk = (20, 20)
+    model.roi_heads.box_predictor.test_score_thresh = 0.0  # random weights: keep every detection
+    image = torch.rand(3, 32, 64) * 255  # square_pad 64: padded to 64 x 64 at the bottom (v0.6 alone: none)
+    x = _vit_input_shape(model, lambda: model([{"image": image}]))
+    assert x.shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        instances = model([{"image": image}])[0]["instances"]
+    assert instances.image_size == (32, 64) and len(instances) > 0
+    boxes = instances.pred_boxes.tensor
+    assert (boxes[:, [1, 3]] <= 32).all() and (boxes[:, [0, 2]] <= 64).all() and (boxes >= 0).all()
+    assert instances.pred_masks.shape[-2:] == (32, 64)
+
+
+def test_coco_config_builds_a_vitdet_b_mask_rcnn_with_layer_decay(coco_b):
     from detectron2.modeling.roi_heads import StandardROIHeads
 
-    cfg = _coco("mask_rcnn_vitdet_b_100ep")
-    model = instantiate(cfg.model)
+    cfg, model = coco_b
     assert isinstance(model.roi_heads, StandardROIHeads)
     assert model.roi_heads.box_head.conv1.norm.__class__.__name__.startswith("LayerNorm")
     cfg.optimizer.params.model = model

@@ -56,6 +56,26 @@ def test_pyramid_shapes_strides_channels(hw):
         assert out[name].shape == (1, 8, *expected), name
 
 
+def test_square_pad_pads_bottom_right_with_zeros_once():
+    torch.manual_seed(0)
+    net = _randomize(ViT(**TINY))
+    model = SimpleFeaturePyramid(net, "last_feat", 8, (4.0, 2.0, 1.0, 0.5), LastLevelMaxPool(), square_pad=96).eval()
+    seen = []
+    model.net.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.randn(1, 3, 64, 96)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 32))
+    with torch.no_grad():
+        out, out_padded = model(x), model(padded)
+    assert seen[0].shape == seen[1].shape == (1, 3, 96, 96)
+    assert torch.equal(seen[0][:, :, :64], x) and not seen[0][:, :, 64:].any()  # image kept at the top left
+    assert seen[1] is padded  # already square: passed on as it is
+    for name in out:
+        torch.testing.assert_close(out[name], out_padded[name])
+    with torch.no_grad():  # a side over square_pad is left as it is
+        model(torch.randn(1, 3, 128, 64))
+    assert seen[2].shape == (1, 3, 128, 96)
+
+
 @pytest.mark.parametrize("kw", [{}, dict(residual_block_indexes=(1,)), dict(use_act_checkpoint=True)])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
 def test_every_parameter_of_the_backbone_gets_a_gradient(kw, attn_impl):
@@ -218,9 +238,10 @@ def test_optimizer_groups_lr_and_weight_decay():
     assert of["backbone.net.blocks.1.norm2.bias"]["weight_decay"] == 0.0
     assert of["backbone.net.blocks.0.attn.rel_pos_h"]["weight_decay"] == 0.1  # as in ViTDet
     residual_norm = of["backbone.net.blocks.1.residual.norm3.weight"]
-    assert (residual_norm["lr"], residual_norm["weight_decay"]) == (1.0, 0.0)  # conv branch is not decayed
-    assert of["backbone.simfp_2.1.weight"]["weight_decay"] == 0.0  # channels-first LN counts as a norm
-    assert of["backbone.simfp_2.4.norm.bias"]["weight_decay"] == 0.0
+    # ViTDet's channels-first "LN" is a plain nn.Module, no norm to detectron2's optimizer: decayed as weights
+    assert (residual_norm["lr"], residual_norm["weight_decay"]) == (1.0, 0.1)  # conv branch: no layer decay
+    assert of["backbone.simfp_2.1.weight"]["weight_decay"] == 0.1
+    assert of["backbone.simfp_2.4.norm.bias"]["weight_decay"] == 0.1
     assert (of["head.weight"]["lr"], of["head.weight"]["weight_decay"]) == (1.0, 0.1)
     keys = [tuple(sorted((k, v) for k, v in g.items() if k != "params")) for g in groups]
     assert len(keys) == len(set(keys))  # one group per distinct hyperparameter set

@@ -14,14 +14,16 @@ from detection.evaluation import build_coco_evaluator
 
 
 def lsj_augmentations(image_size: int) -> list:
-    """Flip, resize the image to fit a (0.1-2.0) x `image_size` square, then crop or pad to `image_size`.
+    """Flip, resize the image to fit a (0.1-2.0) x `image_size` square, then crop it to at most `image_size`.
 
-    Padding here (to the square) replaces the `square_pad` of newer detectron2, which v0.6 does not read.
+    No padding here, as ViTDet: the backbone's `square_pad` pads the normalised image with zeros to the square
+    (`detection.vit.SimpleFeaturePyramid`), and the recorded image size stays the crop's, so proposals are
+    clipped to the image rather than to the padding.
     """
     return [
         L(T.RandomFlip)(horizontal=True),  # flip before resizing, as ViTDet
         L(T.ResizeScale)(min_scale=0.1, max_scale=2.0, target_height=image_size, target_width=image_size),
-        L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=True),
+        L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),
     ]
 
 

@@ -107,7 +107,8 @@ class CrossMAE(MaskedViTEncoder):
             at most `mask_ratio`.
         use_input: feed the embedded input tokens to the feature weighting as well.
         use_fm: encoder blocks whose outputs are weighted (negative counts from the end);
-            None = all.
+            None = all. A lone -1 here is the last block; the official `--use_fm -1` (all blocks) reaches
+            this argument as None through `pretrain.config.model_use_fm`.
         decoder_self_attn: self-attention among the queries in every decoder block.
     """
 
