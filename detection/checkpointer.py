@@ -2,8 +2,12 @@
 through the project's loader, and a load that leaves the backbone unset fails instead of training on random
 weights.
 
-- `.pth` / `.safetensors`: `pretrain.checkpoint.read_checkpoint`, i.e. `torch.load(weights_only=True)` or
-  safetensors: no code from the file runs.
+- `.pth` / `.bin` / `.safetensors`: `pretrain.checkpoint.read_checkpoint`, i.e. `torch.load(weights_only=True)` or
+  safetensors: no code from the file runs. A released-weights name (`mae_vit_base`, ...) is downloaded into the
+  cache first (`pretrain.releases`).
+- Weights that are no detectron2 checkpoint (a pretraining, encoder, timm, transformers or mmpretrain file) are
+  converted for this model's ViT on the fly by `detection.convert.to_vitdet`, as `tools/convert_pretrain_to_d2.py`
+  would, and the conversion report is logged.
 - `.pkl` (detectron2's model zoo, Caffe2 conversions): unpickling runs code, so it is refused unless the user
   passes `--trust-pickle` (then detectron2's own loader reads it).
 - After loading: every `backbone.net.*` weight except the relative-position tables (new in ViTDet, zero-init)
@@ -19,6 +23,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from pretrain.checkpoint import read_checkpoint
 from pretrain.errors import CheckpointError
+from pretrain.formats import import_state_dict
+from pretrain.releases import resolve_weights
 
 __all__ = ["SafeCheckpointer"]
 
@@ -39,6 +45,9 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.trust_pickle, self.allow_partial, self.strict = trust_pickle, allow_partial, strict
         self._source = ""
 
+    def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return super().load(str(resolve_weights(path)) if path else path, *args, **kwargs)
+
     def _load_file(self, filename: str) -> dict[str, Any]:
         self._source = filename
         if filename.endswith(".pkl"):
@@ -50,7 +59,23 @@ class SafeCheckpointer(DetectionCheckpointer):
         if not isinstance(loaded, dict):
             raise CheckpointError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint dict; give a "
                                   "detectron2 checkpoint (e.g. from tools/convert_pretrain_to_d2.py)")
-        return loaded if "model" in loaded else {"model": loaded}
+        return self._converted(loaded, filename) or (loaded if "model" in loaded else {"model": loaded})
+
+    def _converted(self, loaded: dict[str, Any], filename: str) -> dict[str, Any] | None:
+        """A pretraining-side file (ViT encoder keys, any layout) converted for this model's ViT; None otherwise."""
+        from .convert import target_from_vit, to_detectron2_checkpoint, to_vitdet
+
+        if "model" in loaded and isinstance(loaded["model"], dict) and "iteration" in loaded:
+            return None  # a detectron2 training checkpoint (resume, model_final)
+        sd, layout = import_state_dict(loaded, filename)
+        model = getattr(self.model, "module", self.model)
+        net = getattr(getattr(model, "backbone", None), "net", None)
+        if layout.name == "detectron2" or net is None or "patch_embed.proj.weight" not in sd:
+            return None
+        new_sd, report = to_vitdet(sd, **target_from_vit(net.state_dict()), source=filename, layout=layout.name)
+        for line in report.lines():
+            self.logger.info("[SafeCheckpointer] converted for ViTDet: %s", line.strip())
+        return to_detectron2_checkpoint(new_sd, source=filename)
 
     def _load_model(self, checkpoint: Any) -> Any:
         incompatible = super()._load_model(checkpoint)

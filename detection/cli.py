@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from pretrain.errors import UserError, command, one_line
+from pretrain.formats import summarize
 
 TRAIN_NET_EXAMPLES = """examples:
   # built-in shapes on CPU (the dataset is rendered on first use)
   tools/train_net.py --config-file configs/demo/mask_rcnn_vit_tiny_builtin.py
   # COCO 2017 from $DETECTRON2_DATASETS/coco, 8 GPUs, from a converted pretraining checkpoint
   tools/train_net.py --num-gpus 8 --config-file configs/COCO/mask_rcnn_vitdet_b_100ep.py train.init_checkpoint=vitb_d2.pth
+  # the same from MAE's released ViT-B, by name (downloaded once, converted for the config's ViT on the fly)
+  tools/train_net.py --num-gpus 8 --config-file configs/COCO/mask_rcnn_vitdet_b_100ep.py train.init_checkpoint=mae_vit_base
   # any COCO-format json + image folder
   tools/train_net.py --config-file ... --dataset mine_train train.json imgs/ --dataset mine_val val.json imgs/ \\
       dataloader.train.dataset.names=mine_train dataloader.test.dataset.names=mine_val model.roi_heads.num_classes=3
@@ -72,31 +73,29 @@ def train_net(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def summarize(keys: list[str]) -> str:
-    """Keys with block indices folded: "blocks.*.attn.qkv.weight (x12), pos_embed"."""
-    counts = Counter(re.sub(r"^(\w*blocks)\.\d+\.", r"\1.*.", k) for k in keys)
-    return ", ".join(k if n == 1 else f"{k} (x{n})" for k, n in counts.items())
-
-
 @command
 def convert(argv: Sequence[str] | None = None) -> None:
-    """Convert an MAE / CrossMAE / timm ViT checkpoint into a detectron2 ViTDet initialisation checkpoint.
+    """Convert MAE-family weights into a detectron2 ViTDet initialisation checkpoint.
 
-    IN is a checkpoint whose "model" entry is an encoder (+ decoder) state dict with timm/MAE names, or a bare
-    timm ViT state dict. OUT holds `{"model": {"backbone.net.<key>": tensor}, "__author__": ...}`; load it with
-    `train.init_checkpoint=OUT`. Trailing key=value pairs override --config as they do for tools/train_net.py;
-    give both commands the same ones (e.g. model.backbone.net.pretrain_img_size=448 for a 448 px pretraining).
+    IN is a weights file in any layout the project reads (official MAE / CrossMAE / timm, Hugging Face transformers
+    ViTMAE, mmpretrain MAE, this project's), as .pth or .safetensors, or a released-weights name (mae_vit_base,
+    crossmae_vit_base, ...; downloaded once into the cache). OUT holds `{"model": {"backbone.net.<key>": tensor},
+    "__author__": ...}`; load it with `train.init_checkpoint=OUT` (which also takes IN directly). Trailing
+    key=value pairs override --config as they do for tools/train_net.py; give both commands the same ones (e.g.
+    model.backbone.net.pretrain_img_size=448 for a 448 px pretraining).
     """
     from .convert import convert_checkpoint, target_from_config
 
     parser = argparse.ArgumentParser(description=convert.__doc__.split("\n")[0])
-    parser.add_argument("input", help="pretraining checkpoint (.pth or .safetensors)")
+    parser.add_argument("input", help="weights file (.pth, .bin or .safetensors) or released-weights name")
     parser.add_argument("output", help="detectron2 checkpoint to write (.pth)")
     parser.add_argument("--config", help="detectron2 LazyConfig .py whose model.backbone.net is the target ViT")
     parser.add_argument("--embed-dim", type=int, help="target embed dim (without --config)")
     parser.add_argument("--depth", type=int, help="target number of blocks (without --config)")
-    parser.add_argument("--patch-size", type=int, help="target patch size (without --config)")
-    parser.add_argument("--pretrain-img-size", type=int, help="target pretrain_img_size (without --config)")
+    parser.add_argument("--patch-size", type=int, help="target patch size (without --config); a smaller patch in IN "
+                                                       "is resampled to it (MAE's ViT-H/14 -> 16)")
+    parser.add_argument("--pretrain-img-size", type=int, help="target pretrain_img_size (without --config); the "
+                                                              "position embedding is resampled to its grid")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load IN with weights_only=False (only for files you trust, e.g. ones holding args)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -114,10 +113,15 @@ def convert(argv: Sequence[str] | None = None) -> None:
     if args.opts and not args.config:
         parser.error("key=value overrides apply to --config; give --config, or --pretrain-img-size etc. without it")
     target = target_from_config(args.config, args.opts) if args.config else flags
-    used, ignored = convert_checkpoint(args.input, args.output, target, args.trust_pickle, args.overwrite)
-    print(f"used {len(used)} keys: {summarize(used)}")
-    print(f"ignored {len(ignored)} keys: {summarize(ignored)}")
-    print(f"wrote {len(used)} tensors to {args.output}")
+    report = convert_checkpoint(args.input, args.output, target, args.trust_pickle, args.overwrite)
+    ignored = [k for keys in report.dropped.values() for k in keys]
+    print(f"{report.source}: {report.layout} layout")
+    print(f"used {len(report.loaded)} keys: {summarize(report.loaded)}")
+    print(f"ignored {len(ignored)} keys: " + "; ".join(f"{group}: {summarize(keys)}"
+                                                        for group, keys in report.dropped.items()))
+    for note in report.resized:
+        print(f"resized {note}")
+    print(f"wrote {len(report.loaded)} tensors to {args.output}")
 
 
 @command

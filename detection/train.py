@@ -24,6 +24,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig
 
 from pretrain.errors import ConfigError
+from pretrain.releases import is_release_name
 
 from .checkpointer import SafeCheckpointer
 from .datasets import BitmaskDatasetMapper, check_dataset, register_builtin_shapes, register_coco_json
@@ -60,9 +61,9 @@ def check_config(cfg: DictConfig, eval_only: bool) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={device} but CUDA is unavailable; add train.device=cpu to the command")
     ckpt = str(cfg.train.init_checkpoint or "")
-    if ckpt and "://" not in ckpt and not os.path.isfile(ckpt):
-        raise ConfigError(f"train.init_checkpoint={ckpt} does not exist; convert a pretraining checkpoint with "
-                          "tools/convert_pretrain_to_d2.py or set train.init_checkpoint=''")
+    if ckpt and "://" not in ckpt and not os.path.isfile(ckpt) and not is_release_name(ckpt):
+        raise ConfigError(f"train.init_checkpoint={ckpt} does not exist; give a weights file or a released-weights "
+                          "name (e.g. mae_vit_base, crossmae_vit_base), or set train.init_checkpoint=''")
     if eval_only and not ckpt:
         raise ConfigError("--eval-only needs weights: set train.init_checkpoint=PATH (e.g. OUTPUT_DIR/model_final.pth)")
     if not eval_only:

@@ -39,7 +39,7 @@ def reconstruction_grids(checkpoint: str | Path, images: Sequence[str] = (), bui
                          model_name: str | None = None, mask_ratio: float | None = None,
                          prediction_ratio: float | None = None, norm_pix_loss: bool | None = None, seed: int = 0,
                          batch_size: int = 8, output: str | Path = "output/visualize", device: str = "auto",
-                         num_workers: int = 0) -> list[Path]:
+                         num_workers: int = 0, trust_pickle: bool = False) -> list[Path]:
     """Write reconstruction grids of `checkpoint` on image files/folders (or built-in images) to `output`.
 
     Also writes `images.tsv` (grid, row, image) and prints one line per unreadable image. See
@@ -50,7 +50,9 @@ def reconstruction_grids(checkpoint: str | Path, images: Sequence[str] = (), bui
     """
     _positive("batch_size", batch_size)
     dev = resolve_device(device)
-    model, info = load_pretrain_model(checkpoint, model_name, mask_ratio, prediction_ratio, norm_pix_loss)
+    model, info = load_pretrain_model(checkpoint, model_name, mask_ratio, prediction_ratio, norm_pix_loss,
+                                      trust_pickle=trust_pickle)
+    print(info["report"])
     model.to(dev)
     source = image_source(images, builtin, model.patch_embed.img_size[0], seed=seed)
     out = Path(output)
@@ -188,12 +190,13 @@ def _crossmae_report(model: CrossMAE, info: dict[str, Any], checkpoint: str | Pa
 def analyze_attention(checkpoint: str | Path, images: Sequence[str] = (), builtin: int | None = None,
                       model_name: str | None = None, mask_ratio: float | None = None, seed: int = 0,
                       batch_size: int = 32, output: str | Path = "output/attention", device: str = "auto",
-                      num_workers: int = 0) -> str:
+                      num_workers: int = 0, trust_pickle: bool = False) -> str:
     """Write the decoder analysis of `checkpoint` to `output` (attention.* for MAE, feature_weights.* for
     CrossMAE, which needs no images); returns the title and markdown table."""
     _positive("batch_size", batch_size)
     dev = resolve_device(device)
-    model, info = load_pretrain_model(checkpoint, model_name, mask_ratio)
+    model, info = load_pretrain_model(checkpoint, model_name, mask_ratio, trust_pickle=trust_pickle)
+    print(info["report"])
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, CrossMAE):

@@ -48,15 +48,24 @@ def export_encoder(argv: Sequence[str] | None = None) -> None:
     from .weights import export_encoder as export
 
     p = argparse.ArgumentParser(description=export_encoder.__doc__)
-    p.add_argument("checkpoint", help="pretraining checkpoint (this project's, or a released MAE/CrossMAE one)")
+    p.add_argument("checkpoint", help="pretraining checkpoint (this project's, a released MAE / CrossMAE one in any "
+                                      "layout the project reads, or a released-weights name)")
     p.add_argument("output", help="where to write the encoder-only file")
+    _trust_pickle_arg(p)
     args = p.parse_args(argv)
-    kept, dropped = export(args.checkpoint, args.output)
+    kept, dropped = export(args.checkpoint, args.output, args.trust_pickle)
     print(f"wrote {kept} encoder tensors to {args.output}; dropped {dropped} decoder keys")
 
 
+def _trust_pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow weights files that unpickle Python objects (e.g. released checkpoints storing args): "
+                        "only for files you trust, since loading them runs their code")
+
+
 def _checkpoint_args(p: argparse.ArgumentParser, default_output: str, batch_size: int) -> None:
-    p.add_argument("checkpoint", help="pretraining checkpoint (ours, or a released MAE / CrossMAE one)")
+    p.add_argument("checkpoint", help="pretraining checkpoint (ours, a released MAE / CrossMAE one in any layout the "
+                                      "project reads, or a released-weights name such as mae_visualize_vit_large)")
     p.add_argument("images", nargs="*", help="image files and/or folders (searched recursively)")
     p.add_argument("--builtin", type=int, help="use N built-in procedural images instead of IMAGES")
     p.add_argument("--model", help="registered model name, for checkpoints without config")
@@ -66,6 +75,7 @@ def _checkpoint_args(p: argparse.ArgumentParser, default_output: str, batch_size
     p.add_argument("--output", default=default_output, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--num_workers", type=int, default=0, help="data loading processes")
+    _trust_pickle_arg(p)
 
 
 @command
@@ -81,7 +91,7 @@ def visualize(argv: Sequence[str] | None = None) -> None:
                    help="predictions are per-patch normalised pixels (default: config's, else True)")
     a = p.parse_args(argv)
     reconstruction_grids(a.checkpoint, a.images, a.builtin, a.model, a.mask_ratio, a.prediction_ratio,
-                         a.norm_pix_loss, a.seed, a.batch_size, a.output, a.device, a.num_workers)
+                         a.norm_pix_loss, a.seed, a.batch_size, a.output, a.device, a.num_workers, a.trust_pickle)
 
 
 @command
@@ -94,5 +104,5 @@ def analyze_attention(argv: Sequence[str] | None = None) -> None:
     _checkpoint_args(p, "output/attention", batch_size=32)
     a = p.parse_args(argv)
     print(analyze(a.checkpoint, a.images, a.builtin, a.model, a.mask_ratio, a.seed, a.batch_size, a.output,
-                  a.device, a.num_workers))
+                  a.device, a.num_workers, a.trust_pickle))
     print(f"wrote {a.output}")

@@ -327,7 +327,8 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
               block: int = -1, pool: str = "spatial", k: int = 20, temperature: float = 0.07, epochs: int = 100,
               batch_size: int = 256, blr: float = 0.1, weight_decay: float = 0.0, warmup_epochs: int = 10,
               optimizer: str = "sgd", seed: int = 0, extract_batch_size: int = 128, num_workers: int = 0,
-              device: str = "auto", cache_dir: str | Path | None = None) -> dict[str, Any]:
+              device: str = "auto", cache_dir: str | Path | None = None,
+              trust_pickle: bool = False) -> dict[str, Any]:
     """k-NN and linear-probe accuracy of the frozen encoder of `checkpoint` on `val_set`, trained on `train_set`.
 
     Both datasets yield (image at the encoder's input size, class index) and carry `labels` (a tensor) and
@@ -338,6 +339,7 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
         {"knn": {"k", "temperature", "accuracy"}, "linear": {..., "accuracy"}}.
     """
     from .distributed import distributed_session, resolve_device
+    from .releases import resolve_weights
     from .weights import load_encoder
 
     for name, value in (("k", k), ("epochs", epochs), ("batch_size", batch_size), ("extract_batch_size",
@@ -348,17 +350,19 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
                        warmup_epochs=warmup_epochs, optimizer=optimizer, seed=seed)
     dev = resolve_device(device)
     with distributed_session(dev):  # under torchrun every process extracts a shard of the features
-        encoder, info = load_encoder(checkpoint, model_name)
+        encoder, info = load_encoder(checkpoint, model_name, trust_pickle)
+        path = resolve_weights(checkpoint)  # a release name: its cached file (load_encoder fetched it)
         check_feature_args(encoder, block, pool)
         classes = list(getattr(train_set, "classes", []))
         num_classes = len(classes) or int(train_set.labels.max()) + 1
         common = dict(block=block, pool=pool, batch_size=extract_batch_size, num_workers=num_workers, device=dev)
-        base = f"{_file_key(checkpoint)}|{data_key}|block={block}|pool={pool}|size={encoder.patch_embed.img_size}"
+        base = f"{_file_key(path)}|{data_key}|block={block}|pool={pool}|size={encoder.patch_embed.img_size}"
         train = cached_features(encoder, train_set, base + "|train", cache_dir, desc="train features", **common)
         val = cached_features(encoder, val_set, base + "|val", cache_dir, desc="val features", **common)
     knn = knn_classify(train, train_set.labels, val, num_classes, k, temperature)
     linear = linear_probe(train, train_set.labels, val, num_classes, device=dev, **linear_args)
     return {"checkpoint": str(checkpoint), "model": info["name"], "epoch": info["epoch"],
+            "weights": info["report"].as_dict(),
             "block": block % len(encoder.blocks), "pool": pool, "feature_dim": train.shape[1],
             "train_samples": len(train), "val_samples": len(val), "classes": classes,
             "knn": {"k": k, "temperature": temperature, "accuracy": accuracy(knn, val_set.labels)},

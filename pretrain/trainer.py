@@ -53,10 +53,13 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def start_from_encoder(model: torch.nn.Module, path: str | Path) -> list[str]:
-    """Replace the fresh encoder of `model` with the encoder tensors of the checkpoint at `path`.
+    """Replace the fresh encoder of `model` with the encoder tensors of a weights file (any layout of
+    `pretrain.formats`, or a released-weights name) at `path`.
 
     Only encoder keys are taken (`pretrain.weights.encoder_state_dict`); every encoder tensor of `model` must be
-    in the file with the same shape. Used so that two methods start from the very same encoder.
+    in the file with the same shape, except that the position embedding is resampled to the model's patch grid
+    and a smaller patch kernel to the model's patch (`pretrain.formats.fit_encoder`). Used so that two methods
+    start from the very same encoder, or a run from released weights.
 
     Returns:
         The names of the replaced tensors.
@@ -64,16 +67,24 @@ def start_from_encoder(model: torch.nn.Module, path: str | Path) -> list[str]:
     Raises:
         CheckpointError: the file lacks some of the model's encoder tensors, or has them in other shapes.
     """
-    from .checkpoint import read_checkpoint
-    from .weights import encoder_state_dict, state_dict_of
+    from .formats import LoadReport, fit_encoder, grouped, pos_embed_grid
+    from .weights import encoder_state_dict, read_weights
 
-    wanted, _ = encoder_state_dict(model.state_dict())
-    given, _ = encoder_state_dict(state_dict_of(read_checkpoint(path), str(path)))
+    own = model.state_dict()
+    wanted, _ = encoder_state_dict(own)
+    weights = read_weights(path)
+    given, _ = encoder_state_dict(weights.state_dict)
+    given, resized = fit_encoder(given, patch_size=own["patch_embed.proj.weight"].shape[-1],
+                                 grid=pos_embed_grid(own["pos_embed"])[1])
     missing = sorted(set(wanted) - set(given))
     if missing:
         raise CheckpointError(f"--init_from {path} lacks encoder tensors {missing[:6]}; give a checkpoint of the same "
                               "encoder")
     load_model_weights(model, {k: given[k] for k in wanted}, strict=False, source=str(path))
+    report = LoadReport(str(path), weights.layout, loaded=sorted(wanted),
+                        dropped=grouped(k for k in weights.state_dict if k not in wanted), resized=resized)
+    for line in report.lines():
+        logger.info("init_from %s", line.strip())
     return sorted(wanted)
 
 

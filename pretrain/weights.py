@@ -1,14 +1,16 @@
 """What a weights file holds, and how to turn it into an encoder or a model: the one route every tool takes.
 
-- `state_dict_of(checkpoint)`: the model state dict of a loaded checkpoint (its "model" entry, DDP and
-  torch.compile prefixes stripped).
+- `read_weights(path_or_name)`: a weights file, or a released-weights name (`pretrain.releases`), read safely
+  (`pretrain.checkpoint.read_checkpoint`) and imported into this project's keys from whatever layout it has
+  (`pretrain.formats`: official MAE / CrossMAE / timm, transformers, mmpretrain, detectron2).
+- `state_dict_of(checkpoint)`: the same import for an already loaded checkpoint.
 - `model_family(state_dict)`: "mae" or "crossmae" from the key names, or a one-line error naming what the
   file is instead.
 - `encoder_state_dict(state_dict)`: the ViT encoder under timm's names, as a pure state-dict filter (timm's
   `checkpoint_filter_fn` habit); the detectron2 conversion and the encoder export both start from it.
 - `infer_architecture` / `load_pretrain_model`: rebuild an MAE / CrossMAE model from its weights alone
   (released checkpoints) or from the config this project stores in its own; `load_encoder` also takes
-  encoder-only files.
+  encoder-only files. Each returns a `pretrain.formats.LoadReport` of what was loaded and dropped.
 """
 from __future__ import annotations
 
@@ -16,46 +18,71 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, load_model_weights, read_checkpoint, save_atomic
+from .checkpoint import load_model_weights, read_checkpoint, save_atomic
 from .config import create_model
 from .errors import CheckpointError
+from .formats import ENCODER_KEY, LoadReport, family_of, grouped, import_state_dict
 from .models import VIT_SIZES, CrossMAE, build_model, list_models, model_info, size_of_width
 from .models.encoder import MaskedViTEncoder
+from .releases import release_of, resolve_weights
 
-__all__ = ["state_dict_of", "model_family", "encoder_state_dict", "encoder_shape", "infer_architecture",
-           "load_pretrain_model", "load_encoder", "export_encoder", "ENCODER_KEY"]
+__all__ = ["Weights", "read_weights", "state_dict_of", "model_family", "encoder_state_dict", "encoder_shape",
+           "infer_architecture", "load_pretrain_model", "load_encoder", "export_encoder", "ENCODER_KEY"]
 
-# timm's VisionTransformer names for the encoder (MAE's and CrossMAE's are the same)
-ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|norm\.(weight|bias))$")
-_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile prefixes
 _DECODER_HEAD_DIM = 32  # every released MAE / CrossMAE decoder: 512 / 16, 256 / 8 (and ours 128 / 4)
 
 
-def state_dict_of(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The model state dict of a loaded checkpoint: its "model" entry if present, else the mapping itself.
+class Weights(NamedTuple):
+    """A weights file read and imported.
 
-    Non-tensor entries are dropped, and leading "module." / "_orig_mod." prefixes shared by all keys stripped.
+    Attributes:
+        state_dict: its tensors in this project's keys.
+        layout: the `pretrain.formats.LAYOUTS` name it was written in.
+        checkpoint: the loaded file as it is (for `epoch`, `config`, `meta`).
+        path: the file read (the cached download, for a release name).
+        source: what the user gave (path or name), for messages.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    layout: str
+    checkpoint: Any
+    path: Path
+    source: str
+
+
+def read_weights(source: str | Path, trust_pickle: bool = False) -> Weights:
+    """Read a weights file, or a released-weights name, into this project's keys.
+
+    Raises:
+        CheckpointError: an unknown name, a failed download, an unreadable or unsafe file (see `read_checkpoint`),
+            or no tensors in it.
+    """
+    path = resolve_weights(source)
+    checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
+    state_dict, layout = import_state_dict(checkpoint, str(source))
+    return Weights(state_dict, layout.name, checkpoint, path, str(source))
+
+
+def state_dict_of(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model state dict of a loaded checkpoint in this project's keys, whatever layout it was written in.
+
+    Its "model" (or "state_dict") entry if present, else the mapping itself; non-tensor entries dropped,
+    "module." / "_orig_mod." prefixes stripped; then `pretrain.formats.import_state_dict`.
 
     Raises:
         CheckpointError: `checkpoint` is no mapping, or holds no tensors.
     """
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dict; give a "
-                              "state dict or a {'model': state_dict} checkpoint")
-    sd = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
-    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not sd:
-        raise CheckpointError(f"{source} has no state dict of tensors (under 'model' or at top level); "
-                              "is it a model checkpoint?")
-    for prefix in _WRAPPERS:
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    return import_state_dict(checkpoint, source)[0]
+
+
+def _refuse_detectron2(weights: Weights, what: str) -> None:
+    if weights.layout == "detectron2":
+        raise CheckpointError(f"{weights.source} is a detectron2 (detection) checkpoint; {what}")
 
 
 def _max_index(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -79,10 +106,9 @@ def model_family(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoi
     if not any(k.startswith("blocks.") for k in keys) or "patch_embed.proj.weight" not in state_dict:
         raise CheckpointError(f"{source} has no ViT encoder keys (patch_embed.proj, blocks.*); give an MAE or "
                               "CrossMAE pretraining checkpoint")
-    if any(k.startswith(("wfm.", "dec_norms.")) or ".cross_attn." in k for k in keys):
-        return "crossmae"
-    if "decoder_embed.weight" in state_dict and any(k.startswith("decoder_blocks.") for k in keys):
-        return "mae"
+    family = family_of(state_dict)
+    if family is not None:
+        return family
     if not any(k.startswith(("decoder", "mask_token")) for k in keys):
         raise CheckpointError(f"{source} holds an encoder only (an export, a fine-tuned ViT, or MAE's "
                               "mae_pretrain_vit_*.pth); these tools need a pretraining checkpoint with its decoder "
@@ -191,33 +217,44 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "ch
 
 
 def load_pretrain_model(path: str | Path, model_name: str | None = None, mask_ratio: float | None = None,
-                        prediction_ratio: float | None = None,
-                        norm_pix_loss: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Any MAE / CrossMAE pretraining checkpoint as a model in eval mode, on CPU.
+                        prediction_ratio: float | None = None, norm_pix_loss: bool | None = None,
+                        trust_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Any MAE / CrossMAE pretraining checkpoint (a file in any layout of `pretrain.formats`, or a release name)
+    as a model in eval mode, on CPU.
 
     Ours carry `config` and are rebuilt with `pretrain.config.create_model`; released ones
-    (`{"model": state_dict}`) through `infer_architecture`.
+    (`{"model": state_dict}`, transformers, mmpretrain) through `infer_architecture`. Every tensor must fit.
 
     Args:
-        path: checkpoint file.
+        path: checkpoint file or released-weights name.
         model_name: registered model, for checkpoints without config.
         mask_ratio: overrides the checkpoint's (default 0.75 where it has none).
         prediction_ratio: CrossMAE; default `mask_ratio`: reconstruct every masked patch (the
             queries are independent, so this changes no single prediction).
         norm_pix_loss: whether predictions are in per-patch normalised pixels; default the
-            config's, else True as in every released recipe.
+            config's, else the release's (MAE's visualisation files: False), else True as in every released recipe.
+        trust_pickle: allow pickled Python objects in the file (`--trust-pickle`; e.g. releases that store `args`).
 
     Returns:
         (model, info) where info has "name", "family", "source" ("config" or "inferred"),
-        "mask_ratio", "prediction_ratio", "epoch".
+        "mask_ratio", "prediction_ratio", "epoch" and "report" (a `LoadReport`).
 
     Raises:
         CheckpointError: in one line, what the file is if it is no usable pretraining checkpoint.
     """
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    state_dict = state_dict_of(ckpt, str(path))
-    family = model_family(state_dict, str(path))
+    weights = read_weights(path, trust_pickle)
+    _refuse_detectron2(weights, "give a pretraining checkpoint (output/pretrain/checkpoint-*.pth or a released MAE / "
+                                "CrossMAE one)")
+    release = release_of(path)
+    if norm_pix_loss is None and release is not None:
+        norm_pix_loss = release.norm_pix_loss
+    return _pretrain_model(weights, model_name, mask_ratio, prediction_ratio, norm_pix_loss)
+
+
+def _pretrain_model(weights: Weights, model_name: str | None, mask_ratio: float | None,
+                    prediction_ratio: float | None, norm_pix_loss: bool | None) -> tuple[nn.Module, dict[str, Any]]:
+    state_dict, ckpt, path = weights.state_dict, weights.checkpoint, weights.source
+    family = model_family(state_dict, path)
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
     if config and config.get("model"):
         if model_name and model_name != config["model"]:
@@ -233,7 +270,7 @@ def load_pretrain_model(path: str | Path, model_name: str | None = None, mask_ra
             raise CheckpointError(f"the config stored in {path} cannot build {config['model']} "
                                   f"({type(e).__name__}: {e})") from None
     else:
-        name, overrides = infer_architecture(state_dict, str(path), model_name)
+        name, overrides = infer_architecture(state_dict, path, model_name)
         mask_ratio = 0.75 if mask_ratio is None else mask_ratio
         overrides.update(mask_ratio=mask_ratio, norm_pix_loss=True if norm_pix_loss is None else norm_pix_loss)
         if family == "crossmae":
@@ -244,7 +281,7 @@ def load_pretrain_model(path: str | Path, model_name: str | None = None, mask_ra
         except (ValueError, AssertionError, TypeError) as e:
             raise CheckpointError(f"cannot build {name} for {path} ({e}); pass --model NAME with a matching head "
                                   "count") from None
-    load_model_weights(model, state_dict, source=str(path))
+    load_model_weights(model, state_dict, source=path)
     try:
         if prediction_ratio is not None:
             model.prediction_ratio = prediction_ratio  # MAE refuses any value but mask_ratio
@@ -253,14 +290,17 @@ def load_pretrain_model(path: str | Path, model_name: str | None = None, mask_ra
             model.num_predicted()
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    report = LoadReport(path, weights.layout, loaded=sorted(state_dict))
     info = {"name": name, "family": "crossmae" if isinstance(model, CrossMAE) else "mae", "source": source,
-            "mask_ratio": model.mask_ratio, "prediction_ratio": model.prediction_ratio, "epoch": ckpt.get("epoch")}
+            "mask_ratio": model.mask_ratio, "prediction_ratio": model.prediction_ratio, "epoch": ckpt.get("epoch"),
+            "report": report}
     return model.eval(), info
 
 
-def export_encoder(checkpoint: str | Path, output: str | Path) -> tuple[int, int]:
-    """Write the encoder of a pretraining checkpoint as `{"model": encoder_state_dict, "meta": {...}}`, the layout
-    of MAE's released `mae_pretrain_vit_*.pth` (timm names, so timm and the detectron2 converter read it).
+def export_encoder(checkpoint: str | Path, output: str | Path, trust_pickle: bool = False) -> tuple[int, int]:
+    """Write the encoder of a weights file (any layout, or a release name) as `{"model": encoder_state_dict,
+    "meta": {...}}`, the layout of MAE's released `mae_pretrain_vit_*.pth` (timm names, so timm and the detectron2
+    converter read it).
 
     Returns:
         (tensors written, keys dropped).
@@ -268,9 +308,10 @@ def export_encoder(checkpoint: str | Path, output: str | Path) -> tuple[int, int
     Raises:
         CheckpointError: the file holds no ViT encoder.
     """
-    ckpt = load_checkpoint(checkpoint)
-    sd = state_dict_of(ckpt, str(checkpoint))
-    encoder, dropped = encoder_state_dict(sd)
+    weights = read_weights(checkpoint, trust_pickle)
+    _refuse_detectron2(weights, "give a pretraining checkpoint")
+    ckpt = weights.checkpoint if isinstance(weights.checkpoint, dict) else {}
+    encoder, dropped = encoder_state_dict(weights.state_dict)
     if not any(k.startswith("blocks.") for k in encoder):
         raise CheckpointError(f"{checkpoint} has no encoder keys (blocks.*); is it a pretraining checkpoint?")
     meta = {"source": str(checkpoint), "epoch": ckpt.get("epoch"), "config": ckpt.get("config", {})}
@@ -278,32 +319,29 @@ def export_encoder(checkpoint: str | Path, output: str | Path) -> tuple[int, int
     return len(encoder), len(dropped)
 
 
-def load_encoder(path: str | Path, model_name: str | None = None) -> tuple[MaskedViTEncoder, dict[str, Any]]:
+def load_encoder(path: str | Path, model_name: str | None = None,
+                 trust_pickle: bool = False) -> tuple[MaskedViTEncoder, dict[str, Any]]:
     """The ViT encoder of any weights file the project reads, in eval mode on CPU: a pretraining checkpoint
     (ours or released, the whole model, whose `forward_features` is the encoder's) or an encoder-only file
-    (`tools/export_encoder.py` output, MAE's `mae_pretrain_vit_*.pth`, a timm ViT state dict).
+    (`tools/export_encoder.py` output, MAE's `mae_pretrain_vit_*.pth`, a timm or transformers ViT, a fine-tuned
+    CrossMAE), in any layout of `pretrain.formats`, or a release name.
 
     Returns:
         (encoder, info) where info has "name" (registered model or "encoder"), "family" (None for encoder-only
-        files), "epoch", "kept" (encoder tensors loaded).
+        files), "epoch", "kept" (encoder tensors loaded) and "report" (a `LoadReport`).
 
     Raises:
         CheckpointError: no ViT encoder in the file (e.g. a detectron2 checkpoint), or one of unknown width.
     """
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    sd = state_dict_of(ckpt, str(path))
-    try:
-        family = model_family(sd, str(path))
-    except CheckpointError:
-        family = None
+    weights = read_weights(path, trust_pickle)
+    _refuse_detectron2(weights, "give a pretraining or encoder checkpoint")
+    sd, ckpt = weights.state_dict, weights.checkpoint
+    family = family_of(sd)
     if family is not None:
-        model, info = load_pretrain_model(path, model_name)
+        release = release_of(path)
+        model, info = _pretrain_model(weights, model_name, None, None, release.norm_pix_loss if release else None)
         return model, {"name": info["name"], "family": family, "epoch": info["epoch"],
-                       "kept": len(encoder_state_dict(model.state_dict())[0])}
-    if any(k.startswith(("backbone.", "roi_heads.")) for k in sd):
-        raise CheckpointError(f"{path} is a detectron2 (detection) checkpoint; give a pretraining or encoder "
-                              "checkpoint")
+                       "kept": len(encoder_state_dict(model.state_dict())[0]), "report": info["report"]}
     encoder, _ = encoder_state_dict(sd)
     shape = encoder_shape(encoder)
     if "pos_embed" not in encoder:
@@ -313,7 +351,9 @@ def load_encoder(path: str | Path, model_name: str | None = None) -> tuple[Maske
     if grid * grid != slots - 1:
         raise CheckpointError(f"{path} has a pos_embed of {slots} slots, not 1 + S*S (cls + a square grid); "
                               "this loader needs the cls slot")
-    config = ckpt.get("config") or (ckpt.get("meta") or {}).get("config")  # ours; exports keep it under meta
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    config = ckpt.get("config") or meta.get("config")  # ours; exports keep it under meta
     if model_name is not None:
         num_heads = VIT_SIZES[model_info(model_name).size]["num_heads"]
     elif isinstance(config, dict) and config.get("model"):
@@ -332,5 +372,7 @@ def load_encoder(path: str | Path, model_name: str | None = None) -> tuple[Maske
                                  mlp_ratio=encoder["blocks.0.mlp.fc1.weight"].shape[0] / shape["embed_dim"],
                                  final_norm="norm.weight" in encoder)
     load_model_weights(model, encoder, source=str(path))
-    epoch = ckpt.get("epoch", (ckpt.get("meta") or {}).get("epoch"))
-    return model.eval(), {"name": "encoder", "family": None, "epoch": epoch, "kept": len(encoder)}
+    report = LoadReport(str(path), weights.layout, loaded=sorted(encoder),
+                        dropped=grouped(k for k in sd if k not in encoder))
+    epoch = ckpt.get("epoch", meta.get("epoch"))
+    return model.eval(), {"name": "encoder", "family": None, "epoch": epoch, "kept": len(encoder), "report": report}

@@ -44,8 +44,10 @@ class _Detector(nn.Module):
 
 def test_convert_pretraining_checkpoint_keys_and_values():
     ckpt = _pretrain_checkpoint()
-    new_sd, used, ignored = to_vitdet(state_dict_of(ckpt), embed_dim=D, depth=DEPTH, patch_size=PATCH,
-                                               pretrain_img_size=224)
+    new_sd, report = to_vitdet(state_dict_of(ckpt), embed_dim=D, depth=DEPTH, patch_size=PATCH, pretrain_img_size=224)
+    used, ignored = report.loaded, [k for keys in report.dropped.values() for k in keys]
+    assert report.dropped["decoder"] and report.dropped["mask_token"] == ["mask_token"]
+    assert report.dropped["norm"] == ["norm.bias", "norm.weight"] and report.dropped["cls_token"] == ["cls_token"]
     src = ckpt["model"]
     assert set(used) | set(ignored) == set(src) and not set(used) & set(ignored)
     assert {"cls_token", "norm.weight", "norm.bias", "mask_token", "decoder_embed.weight", "decoder_pos_embed",
@@ -98,10 +100,8 @@ def test_refuses_encoder_of_another_size(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "does not match the target config" in err and len(err.splitlines()) == 1
     assert not out.exists()
-    with pytest.raises(ValueError, match="patch_size=16.*patch_size=14"):
+    with pytest.raises(ValueError, match="patch_size=16.*patch_size=14"):  # a patch is only ever resampled up
         to_vitdet(state_dict_of(large), patch_size=14)
-    with pytest.raises(ValueError, match="pretrain_img_size"):
-        to_vitdet(state_dict_of(large), pretrain_img_size=448)
     with pytest.raises(ValueError, match="patch_embed"):
         to_vitdet({"decoder_embed.weight": torch.zeros(2, 2)})
 
@@ -114,9 +114,9 @@ def test_bare_timm_state_dict_without_cls_slot_gives_timm_features(tmp_path):
     enc = _encoder(class_token=False, global_pool="avg")  # pos_embed (1, 196, D): a cls slot is added
     sd = enc.state_dict()
     assert sd["pos_embed"].shape == (1, 196, D)
-    new_sd, used, ignored = to_vitdet(sd, embed_dim=D, depth=DEPTH, patch_size=PATCH)
+    new_sd, report = to_vitdet(sd, embed_dim=D, depth=DEPTH, patch_size=PATCH)
     assert new_sd["backbone.net.pos_embed"].shape == (1, 197, D)
-    assert {"fc_norm.weight", "fc_norm.bias"} <= set(ignored)  # avg-pool timm models norm after pooling
+    assert report.dropped["fc_norm"] == ["fc_norm.bias", "fc_norm.weight"]  # avg-pool timm models norm after pooling
     vit = ViT(img_size=224, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=2, mlp_ratio=2.0,
               norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
     missing, unexpected = vit.load_state_dict({k[len("backbone.net."):]: v for k, v in new_sd.items()}, strict=False)

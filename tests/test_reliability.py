@@ -261,13 +261,16 @@ def test_an_override_key_that_does_not_exist_is_an_error(capsys):
 @pytest.mark.parametrize("kind", ["unconverted", "wrong_size"])
 def test_an_init_checkpoint_that_leaves_the_backbone_unset_fails(kind, tmp_path, capsys):
     path = tmp_path / f"{kind}.pth"
-    if kind == "unconverted":  # a pretraining checkpoint passed straight to train_net: no backbone.net.* keys
-        torch.save({"model": create_model(_tiny_cfg(tmp_path)).state_dict()}, path)
+    if kind == "unconverted":  # a pretraining checkpoint is converted on the fly, but this one is wider than the ViT
+        torch.save({"model": create_model(_tiny_cfg(tmp_path, model_kwargs={**TINY, "embed_dim": 48})).state_dict()},
+                   path)
+        needles = ("embed_dim=48", "does not match the target config")
     else:  # converted, but from a wider ViT than the config's
         torch.save({"model": {"backbone.net.patch_embed.proj.weight": torch.zeros(64, 3, 16, 16)}}, path)
+        needles = ("leaves", "backbone weights unset", "--allow-partial-init")
     args = ["--config-file", SMOKE, f"train.init_checkpoint={path}", f"train.output_dir={tmp_path / 'o'}"]
     assert detection_cli.train_net(args) == 2
-    _one_error_line(capsys, "leaves", "backbone weights unset", "--allow-partial-init")
+    _one_error_line(capsys, *needles)
 
 
 def _write_coco(tmp_path: Path, annotations: list[dict], size=(64, 64)) -> tuple[Path, Path]:

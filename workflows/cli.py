@@ -87,7 +87,8 @@ def probe(argv: Sequence[str] | None = None) -> None:
     from .probe_data import object_sets
 
     p = argparse.ArgumentParser(description=probe.__doc__)
-    p.add_argument("checkpoint", help="pretraining, export or released MAE / CrossMAE checkpoint")
+    p.add_argument("checkpoint", help="weights file (pretraining, export, released MAE / CrossMAE, timm, transformers, "
+                                      "mmpretrain) or released-weights name (mae_vit_base, crossmae_vit_base, ...)")
     data = p.add_argument_group("data (default: the objects of the built-in shapes set)")
     data.add_argument("--data-path", help="ImageFolder root with train/<class>/<image> and val/<class>/<image>")
     data.add_argument("--config-file", help="a detectron2 LazyConfig: probe the objects of its train / test sets")
@@ -97,6 +98,9 @@ def probe(argv: Sequence[str] | None = None) -> None:
                       help="register a COCO-format json + image folder as NAME (repeatable), as train_net")
     f = p.add_argument_group("features")
     f.add_argument("--model", help="registered model name, for checkpoints without config")
+    f.add_argument("--trust-pickle", action="store_true",
+                   help="allow weights files that unpickle Python objects (e.g. released checkpoints storing args): "
+                        "only for files you trust, since loading them runs their code")
     f.add_argument("--block", type=int, default=-1, help="encoder block whose output is used (default: the last)")
     f.add_argument("--pool", choices=POOLS, default="spatial",
                    help="cls token, mean of the patch tokens, or the whole token grid (default)")
@@ -119,7 +123,8 @@ def probe(argv: Sequence[str] | None = None) -> None:
 
     from pretrain.weights import load_encoder
 
-    input_size = load_encoder(a.checkpoint, a.model)[0].patch_embed.img_size[0]
+    encoder, info = load_encoder(a.checkpoint, a.model, a.trust_pickle)
+    input_size = encoder.patch_embed.img_size[0]
     if a.data_path:
         root = Path(a.data_path)
         train_set, val_set = image_folder(root / "train", input_size), image_folder(root / "val", input_size)
@@ -133,9 +138,10 @@ def probe(argv: Sequence[str] | None = None) -> None:
                        k=a.k, temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size, blr=a.blr,
                        weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, optimizer=a.optimizer,
                        seed=a.seed, extract_batch_size=a.extract_batch_size, num_workers=a.num_workers,
-                       device=a.device, cache_dir=a.cache_dir)
+                       device=a.device, cache_dir=a.cache_dir, trust_pickle=a.trust_pickle)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the first process reports
         return
+    print(info["report"], file=sys.stderr)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(result, indent=2) + "\n")

@@ -11,7 +11,8 @@ from ..common.train import train
 
 train.amp.enabled = True
 train.ddp.fp16_compression = True
-# e.g. tools/convert_pretrain_to_d2.py output of an MAE / CrossMAE ViT-B/16 pretraining run
+# e.g. tools/convert_pretrain_to_d2.py output of an MAE / CrossMAE ViT-B/16 pretraining run, any ViT-B weights
+# file (converted on load), or a released-weights name: train.init_checkpoint=mae_vit_base
 train.init_checkpoint = ""
 
 # 100 ep = 184375 iters * 64 images/iter / 118000 images/ep

@@ -5,6 +5,7 @@ from detection.schedule import vitdet_lr_multiplier
 
 from .mask_rcnn_vitdet_b_100ep import dataloader, get_vit_lr_decay_rate, model, optimizer, train
 
+# patch 16 as ViTDet: MAE's ViT-H/14 (train.init_checkpoint=mae_vit_huge) is resampled to it on conversion
 model.backbone.net.embed_dim = 1280
 model.backbone.net.depth = 32
 model.backbone.net.num_heads = 16
