@@ -45,8 +45,11 @@ def test_both_methods_start_from_one_encoder_and_take_the_same_steps(report_dir)
     seed0 = report_dir / "seed0" / "pretrain"
     a = _weights(seed0 / "mae" / "snapshots" / "step-0000000.pth")
     b = _weights(seed0 / "crossmae" / "snapshots" / "step-0000000.pth")
+    init = _weights(seed0 / "init.pth")  # written first, so that the two runs can start side by side
     encoder = [k for k in b if k.startswith(("blocks.", "patch_embed.", "cls_token", "pos_embed"))]
-    assert encoder and all(torch.equal(a[k], b[k]) for k in encoder)
+    assert encoder and all(torch.equal(a[k], b[k]) and torch.equal(init[k], a[k]) for k in encoder)
+    # MAE's step 0 is the model the trainer itself creates at this seed: init.pth only pins it down
+    assert all(torch.equal(init[k], a[k]) for k in init)
     steps = {m: [p.name for p in sorted((seed0 / m / "snapshots").glob("step-*.pth"))] for m in ("mae", "crossmae")}
     assert steps["mae"] == steps["crossmae"] and len(steps["mae"]) == 3
     configs = {m: json.loads((seed0 / m / "summary.json").read_text())["config"] for m in ("mae", "crossmae")}

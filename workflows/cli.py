@@ -25,8 +25,11 @@ def demo(argv: Sequence[str] | None = None) -> None:
                    help="one full run (pretraining and detection) per seed; the report gives mean ± std "
                         "(default: 0; `--seeds 0 1 2` takes three times as long)")
     p.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of reusing finished steps")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs side by side, each on its share of the threads (default: 2 where there are at least "
+                        "2 threads; 1: one at a time, with each run's own progress bars)")
     a = p.parse_args(argv)
-    print(run(a.output, a.size, a.seeds, a.budget, a.fresh))
+    print(run(a.output, a.size, a.seeds, a.budget, a.fresh, a.jobs))
 
 
 @command

@@ -3,9 +3,10 @@ pretraining compute?
 
 Per seed, into OUTPUT/seed<S>/, every step reused when its output exists (rerun to continue after an
 interruption, or with more seeds to add runs; --fresh starts over):
-  1. self-pretraining: MAE, then CrossMAE, on the detection set's own train images (labels unused), same images,
-     data order, optimizer steps and absolute learning rate, and the same step-0 encoder (CrossMAE starts from
-     MAE's step-0 weights); weights-only snapshots along the way, step 0 included;
+  1. self-pretraining: MAE and CrossMAE side by side on the detection set's own train images (labels unused),
+     same images, data order, optimizer steps and absolute learning rate, and the same step-0 encoder
+     (SEED/pretrain/init.pth, MAE's initial weights at this seed, written first); weights-only snapshots along
+     the way, step 0 included;
   2. transfer against compute: every snapshot's frozen encoder on the object probe (k-NN and linear, the spatial
      token grid of each ground-truth box crop) and its held-out reconstruction loss, against pretraining FLOPs
      and wall time;
@@ -15,17 +16,21 @@ interruption, or with more seeds to add runs; --fresh starts over):
   4. OUTPUT/report.md and report.json (every metric per seed, mean ± std, differences paired by seed) and PNGs.
 
 A preset (configs/demo/<name>.yaml) holds every setting; `--budget NAME` merges the preset's `budgets: NAME:`
-over it, and writes to OUTPUT/<budget>/ unless --output says otherwise.
+over it, and writes to OUTPUT/<budget>/ unless --output says otherwise. Steps run two at a time (`--jobs`),
+each on half the threads, with one progress bar per stage; every run's own output goes to its log file.
 """
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +39,19 @@ import torch
 import yaml
 from detectron2.config import LazyConfig
 from torch.utils.data import TensorDataset
+from tqdm import tqdm
 
 from detection.convert import convert_checkpoint, target_from_config
 from detection.datasets import dataset_files
 from detection.schedule import vitdet_milestones
+from pretrain.checkpoint import save_atomic
 from pretrain.config import DEFAULTS, create_model, load_recipe, validate
 from pretrain.data import ImageFiles, mask_noise
 from pretrain.errors import ConfigError
 from pretrain.flops import count_flops
 from pretrain.probe import ObjectCrops, accuracy, extract_features, knn_classify, linear_probe
 from pretrain.trainer import run as run_pretraining
+from pretrain.trainer import seed_epoch
 from pretrain.weights import load_encoder, load_pretrain_model
 
 from .report import write_report
@@ -54,6 +62,7 @@ DEMO_CONFIGS = CONFIGS / "demo"
 METHODS = ("mae", "crossmae")
 NAMES = {"mae": "MAE", "crossmae": "CrossMAE"}
 CONTROLS = {"step0": "not pretrained (step 0)", "vitdet_random": "ViTDet random init"}
+DETECTOR_ORDER = ("vitdet_random", "step0", *METHODS)  # the report's rows
 
 
 def log(msg: str) -> None:
@@ -138,6 +147,17 @@ def pretrain_config(method: str, preset: dict, run_dir: Path, seed: int, data_pa
     return cfg
 
 
+def step0_encoder(preset: dict, seed_out: Path, seed: int) -> Path:
+    """The step-0 weights both pretrainings start from (`init_from`), written once per seed: the MAE model as
+    the trainer would create it at this seed. Both runs can then start at once, side by side."""
+    path = seed_out / "pretrain" / "init.pth"
+    if not path.is_file():
+        cfg = pretrain_config("mae", preset, seed_out / "pretrain" / "mae", seed, "unused")
+        seed_epoch(seed, -1, 0)  # the trainer's seeding before it creates the model
+        save_atomic({"model": create_model(cfg).state_dict(), "step": 0, "epoch": -1, "config": cfg}, path)
+    return path
+
+
 def _settings(cfg: dict, drop: Sequence[str] = ("output_dir", "resume")) -> dict:
     """What a step's results depend on, in JSON form: its config without where it was written."""
     return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in drop}))
@@ -159,22 +179,37 @@ def _check_reusable(run_dir: Path, stored: dict, wanted: dict) -> None:
                       "start over with --fresh or write to another --output")
 
 
+def finished_pretraining(method: str, preset: dict, seed_out: Path, seed: int, data_path: Path,
+                         init_from: Path | None = None) -> dict | None:
+    """The summary of this pretraining if it finished before with the same settings, else None.
+
+    Raises:
+        ConfigError: it finished with other settings.
+    """
+    run_dir = seed_out / "pretrain" / method
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    drop = ("output_dir", "resume", "init_from", "data_path")
+    wanted = _settings(pretrain_config(method, preset, run_dir, seed, data_path, init_from), drop=drop)
+    info = json.loads(summary.read_text())
+    _check_reusable(run_dir, _settings(info["config"], drop=drop), wanted)
+    log(f"pretrain {NAMES[method]} (seed {seed}): done before, reusing {run_dir}")
+    return info
+
+
 def pretrain(method: str, preset: dict, seed_out: Path, seed: int, data_path: Path,
              init_from: Path | None = None) -> dict:
     """Run (or reuse, or resume) one pretraining; returns {"time_s", "final_loss", "run_dir", "config"}.
 
     The trainer's per-epoch log lines go to RUN_DIR/train.log; the console gets one line.
     """
+    info = finished_pretraining(method, preset, seed_out, seed, data_path, init_from)
+    if info is not None:
+        return info
     run_dir = seed_out / "pretrain" / method
     summary = run_dir / "summary.json"
     cfg = pretrain_config(method, preset, run_dir, seed, data_path, init_from)
-    wanted = _settings(cfg, drop=("output_dir", "resume", "init_from", "data_path"))
-    if summary.is_file():
-        info = json.loads(summary.read_text())
-        _check_reusable(run_dir, _settings(info["config"], drop=("output_dir", "resume", "init_from", "data_path")),
-                        wanted)
-        log(f"pretrain {NAMES[method]} (seed {seed}): done before, reusing {run_dir}")
-        return info
     steps = cfg["epochs"] * (len(_images(data_path)) // cfg["batch_size"])
     log(f"pretrain {NAMES[method]} (seed {seed}): {cfg['model']}, {steps} steps of {cfg['batch_size']} images"
         + (f", from the encoder of {init_from.name}" if init_from else ""))
@@ -308,18 +343,41 @@ def det_overrides(preset: dict, frozen: bool = False) -> list[str]:
     return out + (["model.backbone.net.freeze=True"] if frozen else [])
 
 
-def finetune(key: str, init: Path | None, run_dir: Path, preset: dict, seed: int, frozen: bool = False) -> dict:
-    """Mask R-CNN through tools/train_net.py into `run_dir` (its output in RUN_DIR/train_net.log; an interrupted
-    run resumes from its last checkpoint); returns ap.json with the time and settings it was made with."""
+def _det_settings(key: str, preset: dict, seed: int, frozen: bool) -> dict:
+    return {"config": preset["detection"]["config"], "init": key, "seed": seed, "frozen": frozen,
+            "overrides": det_overrides(preset, frozen)}
+
+
+def _det_label(key: str, frozen: bool) -> str:
+    return (CONTROLS.get(key) or NAMES[key]) + (", frozen backbone" if frozen else "")
+
+
+def finished_detection(key: str, run_dir: Path, preset: dict, seed: int, frozen: bool = False) -> dict | None:
+    """ap.json of this detector if it finished before with the same settings, else None.
+
+    Raises:
+        ConfigError: it finished with other settings.
+    """
     ap = run_dir / "ap.json"
-    settings = {"config": preset["detection"]["config"], "init": key, "seed": seed, "frozen": frozen,
-                "overrides": det_overrides(preset, frozen)}
-    label = (CONTROLS.get(key) or NAMES[key]) + (", frozen backbone" if frozen else "")
-    if ap.is_file():
-        result = json.loads(ap.read_text())
-        _check_reusable(run_dir, result.get("settings", {}), settings)
-        log(f"detection {label} (seed {seed}): done before, reusing {run_dir}")
+    if not ap.is_file():
+        return None
+    result = json.loads(ap.read_text())
+    _check_reusable(run_dir, result.get("settings", {}), _det_settings(key, preset, seed, frozen))
+    log(f"detection {_det_label(key, frozen)} (seed {seed}): done before, reusing {run_dir}")
+    return result
+
+
+def finetune(key: str, init: Path | None, run_dir: Path, preset: dict, seed: int, frozen: bool = False,
+             threads: int | None = None) -> dict:
+    """Mask R-CNN through tools/train_net.py into `run_dir` (its output in RUN_DIR/train_net.log; an interrupted
+    run resumes from its last checkpoint), at `threads` torch threads (default: as this process); returns
+    ap.json with the time and settings it was made with."""
+    result = finished_detection(key, run_dir, preset, seed, frozen)
+    if result is not None:
         return result
+    ap = run_dir / "ap.json"
+    settings = _det_settings(key, preset, seed, frozen)
+    label = _det_label(key, frozen)
     resume = (run_dir / "last_checkpoint").is_file()
     cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file",
            str(DEMO_CONFIGS / preset["detection"]["config"]), "--resume" if resume else "--overwrite",
@@ -330,26 +388,202 @@ def finetune(key: str, init: Path | None, run_dir: Path, preset: dict, seed: int
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(run_dir / "train_net.log", "a") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"tools/train_net.py failed (exit {proc.returncode}) for {label}; see "
                            f"{run_dir / 'train_net.log'}")
     result = json.loads(ap.read_text())
     result.update(time_s=time.time() - t0, settings=settings)
     ap.write_text(json.dumps(result, indent=2))
+    log(f"detection {label} (seed {seed}): box AP {result['bbox']['AP']:.1f}, mask AP {result['segm']['AP']:.1f} "
+        f"in {result['time_s'] / 60:.1f} min")
     return result
+
+
+# ----------------------------------------------------------------------------------------------- side by side
+
+def plan_jobs(jobs: int | None) -> tuple[int, int]:
+    """(runs side by side, torch threads each). By default two runs, each on half the threads: on a 2-core CPU
+    two single-thread runs take about as long each as one run alone at two threads (small matrices scale
+    poorly with threads), so the pair finishes in about 60% of the time of running one after the other."""
+    threads = torch.get_num_threads()
+    if jobs is None:
+        jobs = 2 if threads >= 2 else 1
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give 1 (one run at a time) or more")
+    return jobs, max(1, threads // jobs)
+
+
+def _in_worker(threads: int, stderr_file: str, fn: Callable, *args: Any) -> Any:
+    """fn(*args) in a worker process at `threads` torch threads. Its stderr (warnings, and the progress bars,
+    which tqdm then does not draw) goes to `stderr_file`; its one-line console messages still reach stdout."""
+    torch.set_num_threads(threads)
+    Path(stderr_file).parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(2)
+    with open(stderr_file, "a") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            return fn(*args)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class Task:
+    """One step of a seed's run: `make(results)` -> (fn, args) once the tasks named in `after` are done (the
+    args can depend on their results); `finished` is its reused result, checked before anything runs."""
+
+    def __init__(self, name: str, make: Callable[[dict], tuple[Callable, tuple]], after: Sequence[str] = (),
+                 finished: Any = None) -> None:
+        self.name, self.make, self.after, self.finished = name, make, tuple(after), finished
+
+
+def run_tasks(tasks: Sequence[Task], pool: ProcessPoolExecutor | None, slots: int, threads: int, log_dir: Path,
+              progress: Callable[[], tuple[int, str]], total: int, desc: str) -> dict[str, Any]:
+    """Run the tasks, in list order as their dependencies allow, as many at a time as `pool` has workers (one
+    at a time in this process when `pool` is None) up to `slots` at once, under one progress bar; the first
+    failure stops the rest.
+
+    `progress()` gives (work units done, a status line); `total` is the units of all tasks.
+    """
+    results = {t.name: t.finished for t in tasks if t.finished is not None}
+    todo = [t for t in tasks if t.finished is None]
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None if pool is not None else True, leave=False)
+    running: dict[Future, str] = {}
+    try:
+        while todo or running:
+            for task in list(todo):
+                if len(running) >= slots:
+                    break
+                if all(name in results for name in task.after):
+                    todo.remove(task)
+                    fn, args = task.make(results)
+                    if pool is None:
+                        results[task.name] = fn(*args)
+                        continue
+                    running[pool.submit(_in_worker, threads, str(log_dir / f"{task.name}.stderr"), fn,
+                                        *args)] = task.name
+            if not running:
+                if todo and not any(all(n in results for n in t.after) for t in todo):
+                    raise RuntimeError(f"demo tasks {[t.name for t in todo]} wait on tasks that never ran")
+                continue
+            done, _ = wait(running, timeout=2.0, return_when=FIRST_COMPLETED)
+            units, status = progress()
+            bar.update(max(0, min(total, units) - bar.n))
+            bar.set_postfix_str(status, refresh=False)
+            for future in [f for f in list(running) if f in done]:
+                name = running.pop(future)
+                if future.exception() is not None:
+                    for other in running:
+                        other.cancel()
+                    raise future.exception()
+                results[name] = future.result()
+    finally:
+        bar.close()
+    return results
+
+
+def _steps_done(run_dir: Path, steps_per_epoch: int) -> int:
+    """Optimizer steps a pretraining run has finished: its epoch records times steps per epoch."""
+    log_file = run_dir / "log.txt"
+    return len(log_file.read_text().splitlines()) * steps_per_epoch if log_file.is_file() else 0
+
+
+def _iters_done(run_dir: Path) -> int:
+    """Iterations a detection run has finished, from the last record of its metrics.json."""
+    lines = (run_dir / "metrics.json").read_text().splitlines() if (run_dir / "metrics.json").is_file() else []
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("iteration", -1)) + 1
+        except ValueError:  # a line being written
+            continue
+    return 0
+
+
+_PROBES: dict[tuple, dict[str, TensorDataset]] = {}
+
+
+def _curve_task(method: str, info: dict, sets: dict[str, tuple[str, str]], preset: dict,
+                gflops: dict[str, float]) -> list[dict[str, float]]:
+    """`curve` in a worker process, which decodes the object crops itself (cheaper than sending them)."""
+    key = (json.dumps(sets, sort_keys=True), preset["pretrain"]["input_size"])
+    if key not in _PROBES:
+        _PROBES[key] = probe_sets(sets, preset["pretrain"]["input_size"])
+    return curve(method, info, _PROBES[key], _images_of(*sets["val"]), preset, gflops)
 
 
 # ----------------------------------------------------------------------------------------------- the run
 
+def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, tuple[str, str]],
+             gflops: dict[str, dict[str, float]], pool: ProcessPoolExecutor | None, jobs: int,
+             threads: int) -> dict[str, Any]:
+    """One seed: both pretrainings, their curves, and the detectors, scheduled on the pool's workers.
+
+    The order keeps both workers busy: the two pretrainings first (the long ones), each method's curve and
+    detector as soon as its pretraining ends, and the two controls (which need only the step-0 encoder) in
+    whatever time is left.
+    """
+    init = step0_encoder(cfg, seed_out, seed)
+    per_epoch = len(_images(data)) // cfg["pretrain"]["batch_size"]
+    steps = per_epoch * cfg["pretrain"]["epochs"]
+    iters = cfg["detection"]["iters"]
+    inits: dict[str, Path | None] = {"vitdet_random": None,
+                                     "step0": convert(init, seed_out / "pretrain" / "d2_step0.pth", cfg)}
+    detectors = [(key + ("_frozen" if frozen else ""), key, frozen)  # in the report's order
+                 for frozen in ([False, True] if cfg["detection"].get("frozen") else [False])
+                 for key in DETECTOR_ORDER
+                 if not (frozen and key == "vitdet_random")]  # a frozen random backbone says nothing of pretraining
+    det_dirs = {name: seed_out / "detection" / name for name, _, _ in detectors}
+
+    def final_weights(method: str, results: dict) -> Path:
+        last = sorted((Path(results[f"pretrain_{method}"]["run_dir"]) / "snapshots").glob("step-*.pth"))[-1]
+        return convert(last, seed_out / "pretrain" / f"d2_{method}.pth", cfg)
+
+    tasks = [Task(f"pretrain_{m}", lambda r, m=m: (pretrain, (m, cfg, seed_out, seed, data, init)),
+                  finished=finished_pretraining(m, cfg, seed_out, seed, data, init)) for m in METHODS]
+    tasks += [Task(f"curve_{m}", lambda r, m=m: (_curve_task, (m, r[f"pretrain_{m}"], sets, cfg, gflops[m])),
+                   after=[f"pretrain_{m}"]) for m in METHODS]
+    det_tasks = []
+    for name, key, frozen in detectors:
+        def make(r, name=name, key=key, frozen=frozen):
+            weights = final_weights(key, r) if key in METHODS else inits[key]
+            return finetune, (key, weights, det_dirs[name], cfg, seed, frozen, threads if pool else None)
+        det_tasks.append(Task(f"detection_{name}", make, [f"pretrain_{key}"] if key in METHODS else [],
+                              finished=finished_detection(key, det_dirs[name], cfg, seed, frozen)))
+    tasks += sorted(det_tasks, key=lambda t: not t.after)  # the pretrained ones first, as soon as they can
+
+    def progress() -> tuple[int, str]:
+        pre = {m: _steps_done(seed_out / "pretrain" / m, per_epoch) for m in METHODS}
+        det = {name: _iters_done(d) for name, d in det_dirs.items()}
+        status = [f"{NAMES[m]} {pre[m]}/{steps}" for m in METHODS if pre[m] < steps]
+        status += [f"{name} {n}/{iters} it" for name, n in det.items() if 0 < n < iters]
+        return sum(pre.values()) + sum(det.values()), ", ".join(status)
+
+    results = run_tasks(tasks, pool, jobs, threads, seed_out / "logs", progress,
+                        total=len(METHODS) * steps + len(detectors) * iters,
+                        desc=f"seed {seed}: pretraining steps + detection iterations")
+    return {"seed": seed, "pretrain": {m: results[f"pretrain_{m}"] for m in METHODS},
+            "curves": {m: results[f"curve_{m}"] for m in METHODS},
+            "detection": {name: results[f"detection_{name}"] for name, _, _ in detectors},
+            "seed_dir": str(seed_out)}
+
+
 def run(output: str | Path | None = None, preset: str = "tiny", seeds: Sequence[int] = (0,),
-        budget: str | None = None, fresh: bool = False) -> str:
-    """Run the demo (see the module docstring); returns the report's markdown."""
+        budget: str | None = None, fresh: bool = False, jobs: int | None = None) -> str:
+    """Run the demo (see the module docstring); returns the report's markdown.
+
+    `jobs` runs side by side (default `plan_jobs`): the two pretrainings, the two curves and the detectors run
+    that many at a time, each on its share of the threads. Results do not depend on it beyond the run-to-run
+    spread of multi-threaded float sums.
+    """
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))} repeats a seed; give distinct seeds")
     cfg = load_preset(preset, budget)
     vitdet_milestones(cfg["detection"]["iters"])  # a schedule too short fails here, not after pretraining
+    jobs, threads = plan_jobs(jobs)
     out = Path(output if output is not None else "demo_output" if budget is None else f"demo_output/{budget}")
     out = out.resolve()  # summaries store paths: valid from any working directory
     if fresh and out.exists():
@@ -359,27 +593,20 @@ def run(output: str | Path | None = None, preset: str = "tiny", seeds: Sequence[
 
     sets = detection_sets(cfg)
     data = pretraining_folder(sets, out)
-    val_files = _images_of(*sets["val"])
-    probes = probe_sets(sets, cfg["pretrain"]["input_size"])
     gflops = {m: forward_gflops(m, cfg) for m in METHODS}
+    log(f"{jobs} run(s) at a time, {threads} thread(s) each" + ("; --jobs 1 runs one at a time" if jobs > 1 else ""))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
     runs: list[dict[str, Any]] = []
-    for seed in seeds:
-        seed_out = out / f"seed{seed}"
-        pre = {"mae": pretrain("mae", cfg, seed_out, seed, data)}
-        step0 = Path(pre["mae"]["run_dir"]) / "snapshots" / "step-0000000.pth"
-        pre["crossmae"] = pretrain("crossmae", cfg, seed_out, seed, data, init_from=step0)
-        curves = {m: curve(m, pre[m], probes, val_files, cfg, gflops[m]) for m in METHODS}
-        inits = {"vitdet_random": None, "step0": convert(step0, seed_out / "pretrain" / "d2_step0.pth", cfg)}
-        for m in METHODS:
-            last = sorted((Path(pre[m]["run_dir"]) / "snapshots").glob("step-*.pth"))[-1]
-            inits[m] = convert(last, seed_out / "pretrain" / f"d2_{m}.pth", cfg)
-        detection = {}
-        for frozen in ([False, True] if cfg["detection"].get("frozen") else [False]):
-            for key, init in inits.items():
-                if frozen and init is None:
-                    continue  # a frozen random backbone says nothing about pretraining
-                name = key + ("_frozen" if frozen else "")
-                detection[name] = finetune(key, init, seed_out / "detection" / name, cfg, seed, frozen)
-        runs.append({"seed": seed, "pretrain": pre, "curves": curves, "detection": detection,
-                     "seed_dir": str(seed_out)})
+    try:
+        for seed in seeds:
+            runs.append(run_seed(cfg, out / f"seed{seed}", seed, data, sets, gflops, pool, jobs, threads))
+    except BaseException:
+        if pool is not None:  # a failed or interrupted run stops its partner too (checkpoints are atomic)
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    cfg["parallel"] = {"jobs": jobs, "threads": threads}
     return write_report(out, cfg, runs, gflops, sets, time.time() - t_start)

@@ -89,6 +89,14 @@ def plot_transfer(runs: list[dict], path: Path, title: str) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
+def _side_by_side(cfg: dict) -> str:
+    jobs, threads = (cfg.get("parallel") or {}).get("jobs", 1), (cfg.get("parallel") or {}).get("threads")
+    if jobs == 1:
+        return ", one run at a time"
+    return (f", {jobs} runs side by side at {threads} thread(s) each (the two pretrainings together, so their step "
+            "times below are measured under the same load)")
+
+
 def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[str, float]],
                  sets: dict[str, tuple[str, str]], total_s: float) -> str:
     """Write OUT/report.md, OUT/report.json and the figures; returns the markdown.
@@ -179,7 +187,7 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
              f"px for both methods, from the same step-0 encoder, at the same absolute lr {lr:.2e} (the demo's rule; "
              f"the full-scale recipes keep CrossMAE's released rule, lr x prediction / mask ratio); CrossMAE at "
              f"prediction ratio {cfg['crossmae_prediction_ratio']}. Mask R-CNN {cfg['detection']['iters']} iterations. "
-             f"{seed_text}. This invocation took {total_s / 60:.1f} min.", "",
+             f"{seed_text}. This invocation took {total_s / 60:.1f} min{_side_by_side(cfg)}.", "",
              "## Frozen encoder at the end of pretraining", "",
              "Object probe: every ground-truth box of the detection set cropped to the encoder's input, the spatial "
              f"grid of {'the last block' if cfg['probe']['block'] == -1 else 'block ' + str(cfg['probe']['block'])}'s "
