@@ -127,6 +127,32 @@ def test_repeated_seed_and_unknown_budget_are_one_line_errors(tmp_path, capsys):
     assert "repeats a seed" in err[0] and "no budget 'huge'" in err[1] and len(err) == 2
 
 
+def test_tasks_run_after_what_they_need_and_the_first_failure_stops_the_rest(tmp_path):
+    order = []
+
+    def step(name, value):
+        order.append(name)
+        return value
+
+    tasks = [demo.Task("c", lambda r: (step, ("c", r["a"] + r["b"])), after=["a", "b"]),
+             demo.Task("a", lambda r: (step, ("a", 1))),
+             demo.Task("b", lambda r: (step, ("b", 2)), finished=None),
+             demo.Task("d", lambda r: (step, ("d", 0)), finished=7)]  # reused: never run
+    results = demo.run_tasks(tasks, None, 1, 1, tmp_path, lambda: (0, ""), total=1, desc="")
+    assert results == {"a": 1, "b": 2, "c": 3, "d": 7} and order == ["a", "b", "c"]
+
+    def fail():
+        raise ConfigError("broken")
+
+    tasks = [demo.Task("x", lambda r: (fail, ())), demo.Task("y", lambda r: (step, ("y", 0)), after=["x"])]
+    with pytest.raises(ConfigError, match="broken"):
+        demo.run_tasks(tasks, None, 1, 1, tmp_path, lambda: (0, ""), total=1, desc="")
+    assert "y" not in order
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        demo.plan_jobs(0)
+    assert demo.plan_jobs(1) == (1, torch.get_num_threads())
+
+
 def test_budget_merges_over_the_preset():
     base, long = demo.load_preset("tiny"), demo.load_preset("tiny", "long")
     assert long["pretrain"]["epochs"] > base["pretrain"]["epochs"] and long["detection"]["frozen"]
