@@ -521,9 +521,10 @@ def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, t
              threads: int) -> dict[str, Any]:
     """One seed: both pretrainings, their curves, and the detectors, scheduled on the pool's workers.
 
-    The order keeps both workers busy: the two pretrainings first (the long ones), each method's curve and
-    detector as soon as its pretraining ends, and the two controls (which need only the step-0 encoder) in
-    whatever time is left.
+    The order keeps both workers busy to the end: MAE's pretraining (the longest run) beside a control detector
+    (the controls need only the step-0 encoder) and then CrossMAE's pretraining, each method's curve and
+    detector as soon as its pretraining ends, the other control last; run both pretrainings first instead, and
+    the last detector runs alone while the other worker idles.
     """
     init = step0_encoder(cfg, seed_out, seed)
     per_epoch = len(_images(data)) // cfg["pretrain"]["batch_size"]
@@ -552,7 +553,11 @@ def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, t
             return finetune, (key, weights, det_dirs[name], cfg, seed, frozen, threads if pool else None)
         det_tasks.append(Task(f"detection_{name}", make, [f"pretrain_{key}"] if key in METHODS else [],
                               finished=finished_detection(key, det_dirs[name], cfg, seed, frozen)))
-    tasks += sorted(det_tasks, key=lambda t: not t.after)  # the pretrained ones first, as soon as they can
+    det_tasks.sort(key=lambda t: not t.after)  # the pretrained ones as soon as they can, then the controls
+    first_control = next(t for t in det_tasks if not t.after)
+    det_tasks.remove(first_control)
+    # MAE's pretraining is the longest run: a control starts beside it, CrossMAE's (shorter) pretraining after
+    tasks = [tasks[0], first_control, *tasks[1:], *det_tasks]
 
     def progress() -> tuple[int, str]:
         pre = {m: _steps_done(seed_out / "pretrain" / m, per_epoch) for m in METHODS}

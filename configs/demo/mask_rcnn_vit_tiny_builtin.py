@@ -38,8 +38,8 @@ _net.pretrain_img_size = 96
 model.backbone.square_pad = image_size
 
 model.roi_heads.num_classes = len(SHAPE_CATEGORIES)
-# A quarter of ViTDet's 256 / 1024: on CPU the heads cost more than the ViT-Tiny (0.46 s per iteration on
-# 2 cores; 0.79 s at 128 / 512, where convolutions and RoIAlign took about 60% of it)
+# A quarter of ViTDet's 256 / 1024: on CPU the heads cost more than the ViT-Tiny (measured at commit 87641e9:
+# 0.46 s per iteration on 2 cores; 0.79 s at 128 / 512, where convolutions and RoIAlign took about 60% of it)
 narrow_heads(model, channels=64, fc_dim=256)
 # At most 6 shapes an image: 32 sampled RoIs still hold the 25% positives, and 100-200 proposals cover them
 model.roi_heads.batch_size_per_image = 32
