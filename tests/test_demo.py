@@ -117,6 +117,10 @@ def test_finished_steps_made_with_other_settings_are_refused_not_reused(report_d
     monkeypatch.setattr(demo, "load_preset", changed("pretrain", "epochs", 3))
     with pytest.raises(ConfigError, match=r"pretrain/mae was made with other settings .*epochs: 2 -> 3"):
         demo.run(report_dir, "smoke")
+    # the shared step-0 weights too: another input size must not start from a resampled old init
+    monkeypatch.setattr(demo, "load_preset", changed("pretrain", "input_size", 48))
+    with pytest.raises(ConfigError, match=r"init.pth was made with other settings .*input_size: 32 -> 48"):
+        demo.run(report_dir, "smoke")
     assert (report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text() == before
 
 

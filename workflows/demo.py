@@ -17,7 +17,7 @@ interruption, or with more seeds to add runs; --fresh starts over):
 
 A preset (configs/demo/<name>.yaml) holds every setting; `--budget NAME` merges the preset's `budgets: NAME:`
 over it, and writes to OUTPUT/<budget>/ unless --output says otherwise. Steps run two at a time (`--jobs`),
-each on half the threads, with one progress bar per stage; every run's own output goes to its log file.
+each on half the threads, under one progress bar per seed; every run's own output goes to its log file.
 """
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -151,11 +153,22 @@ def step0_encoder(preset: dict, seed_out: Path, seed: int) -> Path:
     """The step-0 weights both pretrainings start from (`init_from`), written once per seed: the MAE model as
     the trainer would create it at this seed. Both runs can then start at once, side by side."""
     path = seed_out / "pretrain" / "init.pth"
-    if not path.is_file():
-        cfg = pretrain_config("mae", preset, seed_out / "pretrain" / "mae", seed, "unused")
-        seed_epoch(seed, -1, 0)  # the trainer's seeding before it creates the model
-        save_atomic({"model": create_model(cfg).state_dict(), "step": 0, "epoch": -1, "config": cfg}, path)
+    cfg = pretrain_config("mae", preset, seed_out / "pretrain" / "mae", seed, "unused")
+    wanted = {k: cfg[k] for k in ("model", "input_size", "seed", "model_kwargs")}
+    if path.is_file():  # made for another model, input size or seed: refused, not silently resampled
+        stored = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        _check_reusable(path, {k: stored.get(k) for k in wanted}, json.loads(json.dumps(wanted)))
+        return path
+    seed_epoch(seed, -1, 0)  # the trainer's seeding before it creates the model
+    save_atomic({"model": create_model(cfg).state_dict(), "step": 0, "epoch": -1, "config": cfg}, path)
     return path
+
+
+def _write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """Write JSON atomically (temporary file, then rename): a run stopped mid-write leaves the old file or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent))
+    os.replace(tmp, path)
 
 
 def _settings(cfg: dict, drop: Sequence[str] = ("output_dir", "resume")) -> dict:
@@ -231,7 +244,7 @@ def pretrain(method: str, preset: dict, seed_out: Path, seed: int, data_path: Pa
     info = {"time_s": sum(r["train_epoch_time_s"] for r in records), "wall_s": elapsed,
             "final_loss": records[-1]["train_loss"], "steps": steps, "run_dir": str(run_dir), "config": cfg,
             "epochs_this_call": len(result["epochs"])}
-    summary.write_text(json.dumps(info, indent=2))
+    _write_json(summary, info)
     return info
 
 
@@ -309,7 +322,7 @@ def curve(method: str, info: dict, probes: dict[str, TensorDataset], val_files: 
                                  "pretrain_tflops": 3 * gflops["total"] * batch * step / 1e3,
                                  "pretrain_s": float(elapsed[epoch + 1]),
                                  **evaluate_snapshot(snap, probes, val_files, preset["probe"])}
-            cache_file.write_text(json.dumps(sorted(cached.values(), key=lambda p: p["step"]), indent=1))
+            _write_json(cache_file, sorted(cached.values(), key=lambda p: p["step"]), indent=1)
         points.append(cached[snap.name])
     log(f"curve {NAMES[method]}: " + ", ".join(f"step {p['step']} k-NN {p['knn']:.2f} linear {p['linear']:.2f}"
                                                for p in points))
@@ -395,7 +408,7 @@ def finetune(key: str, init: Path | None, run_dir: Path, preset: dict, seed: int
                            f"{run_dir / 'train_net.log'}")
     result = json.loads(ap.read_text())
     result.update(time_s=time.time() - t0, settings=settings)
-    ap.write_text(json.dumps(result, indent=2))
+    _write_json(ap, result)
     log(f"detection {label} (seed {seed}): box AP {result['bbox']['AP']:.1f}, mask AP {result['segm']['AP']:.1f} "
         f"in {result['time_s'] / 60:.1f} min")
     return result
@@ -413,6 +426,15 @@ def plan_jobs(jobs: int | None) -> tuple[int, int]:
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give 1 (one run at a time) or more")
     return jobs, max(1, threads // jobs)
+
+
+def _exit_on_sigterm(*_: Any) -> None:
+    raise SystemExit(143)
+
+
+def _worker_init() -> None:
+    """Pool workers turn SIGTERM into SystemExit, so that a detector's `subprocess.run` kills its train_net."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def _in_worker(threads: int, stderr_file: str, fn: Callable, *args: Any) -> Any:
@@ -475,10 +497,12 @@ def run_tasks(tasks: Sequence[Task], pool: ProcessPoolExecutor | None, slots: in
             bar.set_postfix_str(status, refresh=False)
             for future in [f for f in list(running) if f in done]:
                 name = running.pop(future)
-                if future.exception() is not None:
+                error = future.exception()
+                if error is not None:
                     for other in running:
                         other.cancel()
-                    raise future.exception()
+                    error.add_note(f"(demo step {name}; its log: {log_dir / (name + '.stderr')})")
+                    raise error
                 results[name] = future.result()
     finally:
         bar.close()
@@ -600,17 +624,23 @@ def run(output: str | Path | None = None, preset: str = "tiny", seeds: Sequence[
     data = pretraining_folder(sets, out)
     gflops = {m: forward_gflops(m, cfg) for m in METHODS}
     log(f"{jobs} run(s) at a time, {threads} thread(s) each" + ("; --jobs 1 runs one at a time" if jobs > 1 else ""))
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    pool = (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+            if jobs > 1 else None)
     runs: list[dict[str, Any]] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    # a `kill` or `timeout` stops the workers too (signal handlers can only be set from the main thread)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         for seed in seeds:
             runs.append(run_seed(cfg, out / f"seed{seed}", seed, data, sets, gflops, pool, jobs, threads))
     except BaseException:
-        if pool is not None:  # a failed or interrupted run stops its partner too (checkpoints are atomic)
+        if pool is not None:  # a failed or interrupted run stops the rest: atomic writes, train_net killed too
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()
         raise
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     cfg["parallel"] = {"jobs": jobs, "threads": threads}

@@ -93,8 +93,8 @@ def _side_by_side(cfg: dict) -> str:
     jobs, threads = (cfg.get("parallel") or {}).get("jobs", 1), (cfg.get("parallel") or {}).get("threads")
     if jobs == 1:
         return ", one run at a time"
-    return (f", {jobs} runs side by side at {threads} thread(s) each (each pretraining beside one other run "
-            "throughout, so their step times below are measured under the same kind of load)")
+    return (f", {jobs} runs side by side at {threads} thread(s) each (each pretraining beside another run: a "
+            "detector or the other pretraining; the step times below are of that load, indicative rather than exact)")
 
 
 def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[str, float]],
