@@ -361,6 +361,10 @@ def _det_settings(key: str, preset: dict, seed: int, frozen: bool) -> dict:
             "overrides": det_overrides(preset, frozen)}
 
 
+def _ap(value: float | None) -> str:
+    return "none (no detections)" if value is None else f"{value:.1f}"
+
+
 def _det_label(key: str, frozen: bool) -> str:
     return (CONTROLS.get(key) or NAMES[key]) + (", frozen backbone" if frozen else "")
 
@@ -409,8 +413,8 @@ def finetune(key: str, init: Path | None, run_dir: Path, preset: dict, seed: int
     result = json.loads(ap.read_text())
     result.update(time_s=time.time() - t0, settings=settings)
     _write_json(ap, result)
-    log(f"detection {label} (seed {seed}): box AP {result['bbox']['AP']:.1f}, mask AP {result['segm']['AP']:.1f} "
-        f"in {result['time_s'] / 60:.1f} min")
+    box, mask = (result[task].get("AP") for task in ("bbox", "segm"))  # None: no detection at all
+    log(f"detection {label} (seed {seed}): box AP {_ap(box)}, mask AP {_ap(mask)} in {result['time_s'] / 60:.1f} min")
     return result
 
 
