@@ -421,9 +421,9 @@ def finetune(key: str, init: Path | None, run_dir: Path, preset: dict, seed: int
 # ----------------------------------------------------------------------------------------------- side by side
 
 def plan_jobs(jobs: int | None) -> tuple[int, int]:
-    """(runs side by side, torch threads each). By default two runs, each on half the threads: on a 2-core CPU
-    two single-thread runs take about as long each as one run alone at two threads (small matrices scale
-    poorly with threads), so the pair finishes in about 60% of the time of running one after the other."""
+    """(runs side by side, torch threads each). By default two runs, each on half the threads: small matrices
+    scale poorly with threads, so on a 2-core CPU a single-thread pair gets through more work per minute than
+    one run at two threads (see the README's Demo section for the step times seen on one such machine)."""
     threads = torch.get_num_threads()
     if jobs is None:
         jobs = 2 if threads >= 2 else 1
