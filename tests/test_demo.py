@@ -1,6 +1,7 @@
 """`make demo` in miniature: self-pretrain both methods from one step-0 encoder, evaluate the snapshots, convert,
 fine-tune four detectors, write the report; reuse, refusal, the schedule, presets and the report's arithmetic."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from detection.cli import compare_backbones
 from pretrain.config import create_model
 from pretrain.errors import ConfigError
 from workflows import cli, demo
-from workflows.report import at_compute, paired
+from workflows.report import at_compute, paired, scored
 
 DETECTORS = ("vitdet_random", "step0", "mae", "crossmae")
 
@@ -165,6 +166,22 @@ def test_budget_merges_over_the_preset():
     assert (base["budget"], long["budget"]) == ("default", "long")
 
 
+def test_set_changes_preset_settings_and_refuses_unknown_keys():
+    base = demo.load_preset("tiny")
+    cfg = demo.apply_settings(base, ["pretrain.blr=8e-3", "crossmae_prediction_ratio=0.75", "pretrain.min_lr=1e-6",
+                                     "probe.pool=mean"])
+    assert cfg["pretrain"]["blr"] == 0.008 and isinstance(cfg["pretrain"]["blr"], float)  # 8e-3 is a str to YAML
+    assert cfg["crossmae_prediction_ratio"] == 0.75 and cfg["pretrain"]["min_lr"] == 1e-6  # a trainer key
+    assert cfg["probe"]["pool"] == "mean" and cfg["set"][0] == "pretrain.blr=8e-3"
+    assert base["pretrain"]["blr"] == 4e-3 and "set" not in base  # the preset itself is untouched
+    assert demo.pretrain_config("crossmae", cfg, Path("x"), 0, "x")["prediction_ratio"] == 0.75
+    for bad, words in (("pretrain.blr", "KEY=VALUE"), ("pretrain.bogus=1", "no setting pretrain.bogus"),
+                       ("detection.iters.x=1", "not a section"), ("probe.min_lr=0", "no setting probe.min_lr"),
+                       ("pretrain.seed=3", "no setting pretrain.seed")):  # the demo sets it (--seeds)
+        with pytest.raises(ConfigError, match=words):
+            demo.apply_settings(base, [bad])
+
+
 def test_frozen_variant_fine_tunes_a_frozen_backbone():
     from detectron2.config import LazyConfig, instantiate
 
@@ -215,6 +232,17 @@ def test_mean_std_and_table_spread():
     table = ap_table(["a", "b"], [mean, {"bbox": {"AP": 1.0}, "segm": {}}], [std, {}])
     assert "| a | 3.0 ± 1.4 | 6.0 ± 1.4 | n/a | 2.0 ± 1.4 |" in table
     assert "| b | 1.0 (-2.0) | n/a" in table
+
+
+def test_a_detector_without_detections_scores_zero_not_missing():
+    none = dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"))  # detectron2's NaNs, null in ap.json
+    empty = scored({"bbox": dict(none), "segm": dict(none), "iteration": 80})
+    assert empty["bbox"]["AP"] == 0.0 and empty["segm"]["AP75"] == 0.0 and empty["bbox"]["no_detections"]
+    assert empty["bbox"]["APs"] is None  # size buckets stay undefined
+    some = {"bbox": {"AP": 1.5, "AP50": 4.0, "AP75": 0.0, "APs": None}, "segm": {"AP": 0.5, "AP50": 1.0, "AP75": 0.0}}
+    assert scored(some) == some
+    d = paired([scored(some)["bbox"]["AP"], empty["bbox"]["AP"]], [1.0, 0.5])
+    assert d["per_seed"] == [0.5, -0.5]  # the empty seed counts, as 0 AP
 
 
 def test_paired_differences_and_equal_compute_interpolation():

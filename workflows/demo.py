@@ -103,6 +103,52 @@ def load_preset(name: str, budget: str | None = None) -> dict[str, Any]:
     return preset
 
 
+# trainer settings that `pretrain_config` sets itself (the seed comes from --seeds, the prediction ratio from
+# crossmae_prediction_ratio): a --set of them would be overwritten, so it is refused
+DEMO_OWNED = {"model", "data_path", "output_dir", "seed", "resume", "lr_prediction_scale", "init_from",
+              "prediction_ratio"}
+
+
+def _value(text: str) -> Any:
+    """A YAML value, with numbers such as 8e-3 (a string to YAML 1.1) read as floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def apply_settings(preset: dict, items: Sequence[str]) -> dict[str, Any]:
+    """The preset with `KEY=VALUE` settings over it: dotted keys (`pretrain.blr=8e-3`,
+    `crossmae_prediction_ratio=0.75`), YAML values. A key must exist in the preset, or, under `pretrain`, be a
+    key of the trainer's config; the whole result is validated when the runs are built.
+
+    Raises:
+        ConfigError: an item is not KEY=VALUE or names no setting.
+    """
+    out = yaml.safe_load(yaml.safe_dump(preset))  # a deep copy
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set pretrain.blr=8e-3")
+        *parents, leaf = key.split(".")
+        node = out
+        for depth, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {item}: {'.'.join(parents[:depth + 1])} is not a section of the preset; "
+                                  f"its sections: {', '.join(k for k, v in node.items() if isinstance(v, dict))}")
+            node = node[part]
+        known = set(node) | (set(DEFAULTS) - DEMO_OWNED if parents == ["pretrain"] else set())
+        if leaf not in known:
+            raise ConfigError(f"--set {item}: no setting {key}; there are: {', '.join(sorted(known))}")
+        node[leaf] = _value(text)
+    if items:
+        out["set"] = list(items)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 def detection_sets(preset: dict) -> dict[str, tuple[str, str]]:
@@ -604,17 +650,17 @@ def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, t
 
 
 def run(output: str | Path | None = None, preset: str = "tiny", seeds: Sequence[int] = (0,),
-        budget: str | None = None, fresh: bool = False, jobs: int | None = None) -> str:
+        budget: str | None = None, fresh: bool = False, jobs: int | None = None, settings: Sequence[str] = ()) -> str:
     """Run the demo (see the module docstring); returns the report's markdown.
 
     `jobs` runs side by side (default `plan_jobs`): the two pretrainings, the two curves and the detectors run
     that many at a time, each on its share of the threads. Results do not depend on it beyond the run-to-run
-    spread of multi-threaded float sums.
+    spread of multi-threaded float sums. `settings` are `KEY=VALUE` items over the preset (`apply_settings`).
     """
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))} repeats a seed; give distinct seeds")
-    cfg = load_preset(preset, budget)
+    cfg = apply_settings(load_preset(preset, budget), settings)
     vitdet_milestones(cfg["detection"]["iters"])  # a schedule too short fails here, not after pretraining
     jobs, threads = plan_jobs(jobs)
     out = Path(output if output is not None else "demo_output" if budget is None else f"demo_output/{budget}")

@@ -17,13 +17,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from detection.report import TASKS, ap_table, mean_std, plot_ap, plot_curves, plot_predictions, read_metrics  # noqa: E402
+from detection.report import METRICS, TASKS, ap_table, mean_std, plot_ap, plot_curves, plot_predictions, read_metrics  # noqa: E402
 from pretrain.visualize import save_figure  # noqa: E402
 
 METHOD_NAMES = {"mae": "MAE", "crossmae": "CrossMAE"}
 DETECTORS = {"vitdet_random": "ViTDet random init", "step0": "not pretrained (step 0)", "mae": "MAE",
              "crossmae": "CrossMAE"}
 PROBES = {"knn": "object probe k-NN", "linear": "object probe linear", "heldout_loss": "held-out reconstruction loss"}
+
+
+def scored(result: dict) -> dict:
+    """A detector's ap.json with AP, AP50 and AP75 of 0 for a task in which it made no detection at all.
+
+    detectron2 reports such a task as NaN (null in ap.json); an empty detection set scores 0 precision at every
+    recall, so 0 is its COCO AP, and leaving it out would drop the worst seed from the mean. The size buckets
+    (APs / APm / APl) stay null: COCO leaves those undefined also when the val set has no objects of a size.
+    """
+    out = dict(result)
+    for task in TASKS:
+        metrics = result.get(task) or {}
+        if metrics and metrics.get("AP") is None:
+            out[task] = {**metrics, **dict.fromkeys(METRICS, 0.0), "no_detections": True}
+    return out
 
 
 def detector_name(key: str) -> str:
@@ -116,7 +131,7 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
     several = len(seeds) > 1
     first = runs[0]
     det_keys = list(first["detection"])
-    ap = {k: [r["detection"][k] for r in runs] for k in det_keys}
+    ap = {k: [scored(r["detection"][k]) for r in runs] for k in det_keys}
     final = {m: [_final(r["curves"][m]) for r in runs] for m in METHOD_NAMES}
     step0 = [r["curves"]["mae"][0] for r in runs]
 
@@ -175,7 +190,7 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
               "runs": [{"seed": r["seed"], "curves": r["curves"],
                         "pretrain": {m: {k: v for k, v in r["pretrain"][m].items() if k != "config"}
                                      for m in METHOD_NAMES},
-                        "detection": r["detection"]} for r in runs]}
+                        "detection": {k: scored(v) for k, v in r["detection"].items()}} for r in runs]}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
     steps = final["mae"][0]["step"]
@@ -187,7 +202,9 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
              f"px for both methods, from the same step-0 encoder, at the same absolute lr {lr:.2e} (the demo's rule; "
              f"the full-scale recipes keep CrossMAE's released rule, lr x prediction / mask ratio); CrossMAE at "
              f"prediction ratio {cfg['crossmae_prediction_ratio']}. Mask R-CNN {cfg['detection']['iters']} iterations. "
-             f"{seed_text}. This invocation took {total_s / 60:.1f} min{_side_by_side(cfg)}.", "",
+             f"{seed_text}. This invocation took {total_s / 60:.1f} min{_side_by_side(cfg)}."
+             + (f" Preset settings changed with --set: {', '.join(f'`{x}`' for x in cfg['set'])}." if cfg.get("set")
+                else ""), "",
              "## Frozen encoder at the end of pretraining", "",
              "Object probe: every ground-truth box of the detection set cropped to the encoder's input, the spatial "
              f"grid of {'the last block' if cfg['probe']['block'] == -1 else 'block ' + str(cfg['probe']['block'])}'s "
@@ -235,5 +252,5 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
 
 
 def _ap(result: dict, task: str) -> str:
-    v = result.get(task, {}).get("AP")
-    return "n/a" if v is None else f"{v:.1f}"
+    metrics = result.get(task, {})
+    return "0 (no detections)" if metrics.get("no_detections") else f"{metrics['AP']:.1f}"
