@@ -1,6 +1,11 @@
 """`make demo` in miniature: self-pretrain both methods from one step-0 encoder, evaluate the snapshots, convert,
 fine-tune four detectors, write the report; reuse, refusal, the schedule, presets and the report's arithmetic."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +135,68 @@ def test_repeated_seed_and_unknown_budget_are_one_line_errors(tmp_path, capsys):
     assert cli.demo(["--size", "smoke", "--output", str(tmp_path), "--budget", "huge"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "repeats a seed" in err[0] and "no budget 'huge'" in err[1] and len(err) == 2
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, command line) of every process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            after_name = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended while being read
+            continue
+        out[int(d.name)] = (int(after_name[1]), after_name[0], cmd)
+    return out
+
+
+def _descendants(pid: int, procs: dict[int, tuple[int, str, str]]) -> set[int]:
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, (ppid, _, _) in procs.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_sigterm_stops_the_workers_and_their_train_net(tmp_path):
+    # A killed demo once left a detector's train_net running, which later wrote an ap.json without its settings.
+    out = tmp_path / "out"
+    demo_proc = subprocess.Popen([sys.executable, str(demo.ROOT / "tools" / "demo.py"), "--size", "smoke", "--jobs",
+                                  "2", "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, family = time.time() + 180, {}  # the demo's descendants as last seen: pid -> command line
+        while time.time() < deadline and demo_proc.poll() is None:
+            procs = _processes()
+            family = {p: procs[p][2] for p in _descendants(demo_proc.pid, procs)}
+            if any("train_net.py" in cmd for cmd in family.values()):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no train_net.py started under the demo's workers")
+        demo_proc.send_signal(signal.SIGTERM)
+        assert demo_proc.wait(timeout=60) != 0
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            alive = {p for p, (_, state, _) in _processes().items() if p in family and state != "Z"}
+            if not alive:
+                break
+            time.sleep(0.2)
+        assert not alive, f"still running after the demo ended: {alive}"
+        assert not list(out.glob("seed0/detection/*/ap.json"))  # the first detector was stopped, not finished
+    finally:  # leave nothing running, whatever failed (only processes whose pid still has the same command line)
+        if demo_proc.poll() is None:
+            demo_proc.kill()
+        now = _processes()
+        for pid, cmd in family.items():
+            if pid in now and now[pid][2] == cmd:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        demo_proc.wait()
 
 
 def test_tasks_run_after_what_they_need_and_the_first_failure_stops_the_rest(tmp_path):
