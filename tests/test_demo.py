@@ -163,28 +163,41 @@ def _descendants(pid: int, procs: dict[int, tuple[int, str, str]]) -> set[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 def test_sigterm_stops_the_workers_and_their_train_net(tmp_path):
     # A killed demo once left a detector's train_net running, which later wrote an ap.json without its settings.
-    out = tmp_path / "out"
-    demo_proc = subprocess.Popen([sys.executable, str(demo.ROOT / "tools" / "demo.py"), "--size", "smoke", "--jobs",
-                                  "2", "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, log = tmp_path / "out", tmp_path / "demo.log"
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-1500:]
+
+    with open(log, "w") as f:
+        demo_proc = subprocess.Popen([sys.executable, str(demo.ROOT / "tools" / "demo.py"), "--size", "smoke",
+                                      "--jobs", "2", "--output", str(out)], stdout=f, stderr=subprocess.STDOUT)
+    family: dict[int, str] = {}  # the demo's descendants as last seen: pid -> command line
+
+    def look() -> None:
+        procs = _processes()
+        family.update({p: procs[p][2] for p in _descendants(demo_proc.pid, procs)})
+
     try:
-        deadline, family = time.time() + 180, {}  # the demo's descendants as last seen: pid -> command line
+        deadline = time.time() + 180
         while time.time() < deadline and demo_proc.poll() is None:
-            procs = _processes()
-            family = {p: procs[p][2] for p in _descendants(demo_proc.pid, procs)}
+            look()
             if any("train_net.py" in cmd for cmd in family.values()):
                 break
-            time.sleep(0.05)
+            time.sleep(0.1)
         else:
-            pytest.fail("no train_net.py started under the demo's workers")
+            pytest.fail(f"no train_net.py started under the demo's workers; its output:\n{tail()}")
+        look()
         demo_proc.send_signal(signal.SIGTERM)
+        look()  # anything started as the signal arrived
         assert demo_proc.wait(timeout=60) != 0
         deadline = time.time() + 30
         while time.time() < deadline:
-            alive = {p for p, (_, state, _) in _processes().items() if p in family and state != "Z"}
+            now = _processes()
+            alive = {p for p, cmd in family.items() if p in now and now[p][2] == cmd and now[p][1] != "Z"}
             if not alive:
                 break
             time.sleep(0.2)
-        assert not alive, f"still running after the demo ended: {alive}"
+        assert not alive, f"still running after the demo ended: {[family[p] for p in alive]}; output:\n{tail()}"
         assert not list(out.glob("seed0/detection/*/ap.json"))  # the first detector was stopped, not finished
     finally:  # leave nothing running, whatever failed (only processes whose pid still has the same command line)
         if demo_proc.poll() is None:
@@ -223,7 +236,7 @@ def test_tasks_run_after_what_they_need_and_the_first_failure_stops_the_rest(tmp
     with pytest.raises(ConfigError, match="--jobs 0"):
         demo.plan_jobs(0)
     assert demo.plan_jobs(1) == (1, torch.get_num_threads())
-    assert demo._ap(None) == "none (no detections)" and demo._ap(3.14) == "3.1"  # pycocotools' None: no crash
+    assert demo._ap(None) == "0 (no detections)" and demo._ap(3.14) == "3.1"  # pycocotools' None: no crash
 
 
 def test_budget_merges_over_the_preset():
@@ -244,9 +257,18 @@ def test_set_changes_preset_settings_and_refuses_unknown_keys():
     assert demo.pretrain_config("crossmae", cfg, Path("x"), 0, "x")["prediction_ratio"] == 0.75
     for bad, words in (("pretrain.blr", "KEY=VALUE"), ("pretrain.bogus=1", "no setting pretrain.bogus"),
                        ("detection.iters.x=1", "not a section"), ("probe.min_lr=0", "no setting probe.min_lr"),
-                       ("pretrain.seed=3", "no setting pretrain.seed")):  # the demo sets it (--seeds)
+                       ("pretrain.seed=3", "use --seeds"), ("budget=long", "use --budget"),
+                       ("probe.k=abc", "is int"), ("detection=1", "is dict"), ("pretrain.blr=nan", "not a finite"),
+                       ("pretrain.epochs=2.5", "is int"), ("probe.k=[", "not a YAML value")):
         with pytest.raises(ConfigError, match=words):
             demo.apply_settings(base, [bad])
+    assert demo.apply_settings(base, ["pretrain.min_lr=0"])["pretrain"]["min_lr"] == 0  # an int for a float
+
+
+def test_set_items_of_repeated_flags_all_count(tmp_path, capsys):
+    assert cli.demo(["--size", "smoke", "--output", str(tmp_path), "--set", "bogus.x=1", "--set", "probe.k=2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "bogus" in err[0] and len(err) == 1  # the first --set was kept, not replaced by the second
 
 
 def test_frozen_variant_fine_tunes_a_frozen_backbone():
@@ -359,3 +381,22 @@ def test_gpu_preset_small_encoder_fits_its_detector(method, tmp_path):
     assert set(converted) == net  # every encoder tensor, and only those (rel_pos_* is ViTDet's, learnt there)
     wrong = {k: (tuple(v.shape), tuple(target[k].shape)) for k, v in converted.items() if v.shape != target[k].shape}
     assert not wrong
+
+
+def test_curve_points_are_evaluated_again_under_other_probe_settings(report_dir):
+    # curve.json caches each snapshot's probe scores; a --set probe.* must not reuse scores of other settings
+    preset = demo.load_preset("smoke")
+    info = json.loads((report_dir / "seed0" / "pretrain" / "mae" / "summary.json").read_text())
+    sets = demo.detection_sets(preset)
+    probes, val = demo.probe_sets(sets, preset["pretrain"]["input_size"]), demo._images_of(*sets["val"])
+    gflops = demo.forward_gflops("mae", preset)
+    before = demo.curve("mae", info, probes, val, preset, gflops)
+    assert all(p["probe"] == preset["probe"] for p in before)
+    other = demo.apply_settings(preset, ["probe.k=1", "probe.pool=mean"])
+    after = demo.curve("mae", info, probes, val, other, gflops)
+    assert [p["step"] for p in after] == [p["step"] for p in before]
+    assert all(p["probe"]["k"] == 1 and p["probe"]["pool"] == "mean" for p in after)
+    stored = json.loads((report_dir / "seed0" / "pretrain" / "mae" / "curve.json").read_text())
+    assert [p["probe"] for p in stored] == [p["probe"] for p in after]
+    again = demo.curve("mae", info, probes, val, preset, gflops)  # back to the preset's: evaluated afresh
+    assert [p["knn"] for p in again] == pytest.approx([p["knn"] for p in before])

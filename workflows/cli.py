@@ -28,7 +28,7 @@ def demo(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="runs side by side, each on its share of the threads (default: 2 where there are at least "
                         "2 threads; 1: one at a time, with each run's own progress bars)")
-    p.add_argument("--set", dest="settings", metavar="KEY=VALUE", nargs="+", default=[],
+    p.add_argument("--set", dest="settings", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                    help="preset settings to change, dotted keys, YAML values: e.g. --set pretrain.blr=8e-3 "
                         "crossmae_prediction_ratio=0.75 (with a new --output: finished steps made with other "
                         "settings are refused)")

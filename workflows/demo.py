@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -103,21 +104,37 @@ def load_preset(name: str, budget: str | None = None) -> dict[str, Any]:
     return preset
 
 
-# trainer settings that `pretrain_config` sets itself (the seed comes from --seeds, the prediction ratio from
-# crossmae_prediction_ratio): a --set of them would be overwritten, so it is refused
-DEMO_OWNED = {"model", "data_path", "output_dir", "seed", "resume", "lr_prediction_scale", "init_from",
-              "prediction_ratio"}
+# settings the demo sets itself, which a --set would not change: trainer keys `pretrain_config` overwrites, and
+# the preset's own labels; each with what to use instead
+DEMO_OWNED = {"pretrain.seed": "use --seeds", "pretrain.prediction_ratio": "use crossmae_prediction_ratio",
+              **dict.fromkeys(("pretrain.model", "pretrain.data_path", "pretrain.output_dir", "pretrain.resume",
+                               "pretrain.lr_prediction_scale", "pretrain.init_from"), "the demo sets it per run"),
+              "name": "use --size", "budget": "use --budget", "set": "the report fills it in"}
 
 
-def _value(text: str) -> Any:
-    """A YAML value, with numbers such as 8e-3 (a string to YAML 1.1) read as floats."""
-    value = yaml.safe_load(text)
+def _value(item: str, text: str) -> Any:
+    """A YAML value, with numbers such as 8e-3 (a string to YAML 1.1) read as floats; NaN and infinity refused."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item}: {text!r} is not a YAML value") from None
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
-            pass
+            return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"--set {item}: {text} is not a finite number")
     return value
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    """Whether `new` may replace the preset's `old`: the same type (an int where a float was is fine)."""
+    if old is None or new is None:
+        return True
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return True
+    return type(old) is type(new)
 
 
 def apply_settings(preset: dict, items: Sequence[str]) -> dict[str, Any]:
@@ -133,17 +150,27 @@ def apply_settings(preset: dict, items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set pretrain.blr=8e-3")
+        if key in DEMO_OWNED:
+            raise ConfigError(f"--set {item}: {key} is set by the demo itself; {DEMO_OWNED[key]}")
         *parents, leaf = key.split(".")
         node = out
         for depth, part in enumerate(parents):
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {item}: {'.'.join(parents[:depth + 1])} is not a section of the preset; "
-                                  f"its sections: {', '.join(k for k, v in node.items() if isinstance(v, dict))}")
+                prefix, sections = ".".join(parents[:depth + 1]), [k for k, v in node.items() if isinstance(v, dict)]
+                raise ConfigError(f"--set {item}: {prefix} is not a section of the preset (sections here: "
+                                  f"{', '.join(sections) or 'none'}); set the whole mapping instead, e.g. "
+                                  f"--set '{prefix}={{KEY: VALUE}}'")
             node = node[part]
-        known = set(node) | (set(DEFAULTS) - DEMO_OWNED if parents == ["pretrain"] else set())
+        trainer = parents == ["pretrain"]
+        owned = {k.removeprefix("pretrain.") for k in DEMO_OWNED}
+        known = set(node) | (set(DEFAULTS) - owned if trainer else set())
         if leaf not in known:
             raise ConfigError(f"--set {item}: no setting {key}; there are: {', '.join(sorted(known))}")
-        node[leaf] = _value(text)
+        value = _value(item, text)
+        old = node.get(leaf, DEFAULTS.get(leaf) if trainer else None)
+        if not _same_kind(old, value):
+            raise ConfigError(f"--set {item}: {key} is {type(old).__name__} ({old!r} now), not {type(value).__name__}")
+        node[leaf] = value
     if items:
         out["set"] = list(items)
     return out
@@ -352,10 +379,13 @@ def evaluate_snapshot(snapshot: Path, probes: dict[str, TensorDataset], val_file
 def curve(method: str, info: dict, probes: dict[str, TensorDataset], val_files: Sequence[Path], preset: dict,
           gflops: dict[str, float]) -> list[dict[str, float]]:
     """One point per snapshot: step, pretraining compute (training FLOPs = 3 x forward, all images so far) and wall
-    time so far, and the snapshot's probe accuracies and held-out loss. Points are cached in RUN_DIR/curve.json."""
+    time so far, and the snapshot's probe accuracies and held-out loss. Points are cached in RUN_DIR/curve.json with
+    the probe settings they were made with; a point made with other settings (or none recorded) is evaluated again."""
     run_dir = Path(info["run_dir"])
     cache_file = run_dir / "curve.json"
-    cached = {p["snapshot"]: p for p in json.loads(cache_file.read_text())} if cache_file.is_file() else {}
+    probe_cfg = dict(preset["probe"])
+    cached = ({p["snapshot"]: p for p in json.loads(cache_file.read_text()) if p.get("probe") == probe_cfg}
+              if cache_file.is_file() else {})
     records = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
     elapsed = np.cumsum([0.0] + [r["train_epoch_time_s"] for r in records])
     batch = info["config"]["batch_size"]
@@ -367,7 +397,7 @@ def curve(method: str, info: dict, probes: dict[str, TensorDataset], val_files: 
             cached[snap.name] = {"snapshot": snap.name, "step": step, "epoch": epoch,
                                  "pretrain_tflops": 3 * gflops["total"] * batch * step / 1e3,
                                  "pretrain_s": float(elapsed[epoch + 1]),
-                                 **evaluate_snapshot(snap, probes, val_files, preset["probe"])}
+                                 **evaluate_snapshot(snap, probes, val_files, probe_cfg), "probe": probe_cfg}
             _write_json(cache_file, sorted(cached.values(), key=lambda p: p["step"]), indent=1)
         points.append(cached[snap.name])
     log(f"curve {NAMES[method]}: " + ", ".join(f"step {p['step']} k-NN {p['knn']:.2f} linear {p['linear']:.2f}"
@@ -408,7 +438,7 @@ def _det_settings(key: str, preset: dict, seed: int, frozen: bool) -> dict:
 
 
 def _ap(value: float | None) -> str:
-    return "none (no detections)" if value is None else f"{value:.1f}"
+    return "0 (no detections)" if value is None else f"{value:.1f}"
 
 
 def _det_label(key: str, frozen: bool) -> str:

@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from detection.report import METRICS, TASKS, ap_table, mean_std, plot_ap, plot_curves, plot_predictions, read_metrics  # noqa: E402
+from detection.report import (METRICS, TASKS, ap_table, mean_std, plot_ap, plot_curves,  # noqa: E402
+                              plot_predictions, read_metrics)
 from pretrain.visualize import save_figure  # noqa: E402
 
 METHOD_NAMES = {"mae": "MAE", "crossmae": "CrossMAE"}
@@ -253,4 +254,6 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
 
 def _ap(result: dict, task: str) -> str:
     metrics = result.get(task, {})
-    return "0 (no detections)" if metrics.get("no_detections") else f"{metrics['AP']:.1f}"
+    if metrics.get("no_detections"):
+        return "0 (no detections)"
+    return "n/a" if metrics.get("AP") is None else f"{metrics['AP']:.1f}"
