@@ -236,7 +236,7 @@ def test_tasks_run_after_what_they_need_and_the_first_failure_stops_the_rest(tmp
     with pytest.raises(ConfigError, match="--jobs 0"):
         demo.plan_jobs(0)
     assert demo.plan_jobs(1) == (1, torch.get_num_threads())
-    assert demo._ap(None) == "0 (no detections)" and demo._ap(3.14) == "3.1"  # pycocotools' None: no crash
+    assert demo.ap_text(None) == "0 (no detections)" and demo.ap_text(3.14) == "3.1"  # pycocotools' None: no crash
 
 
 def test_budget_merges_over_the_preset():

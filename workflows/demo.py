@@ -57,7 +57,7 @@ from pretrain.trainer import run as run_pretraining
 from pretrain.trainer import seed_epoch
 from pretrain.weights import load_encoder, load_pretrain_model
 
-from .report import write_report
+from .report import ap_text, write_report
 
 ROOT = Path(__file__).resolve().parents[1]  # the source checkout: configs/ and tools/ live there
 CONFIGS = ROOT / "configs"
@@ -110,6 +110,7 @@ DEMO_OWNED = {"pretrain.seed": "use --seeds", "pretrain.prediction_ratio": "use 
               **dict.fromkeys(("pretrain.model", "pretrain.data_path", "pretrain.output_dir", "pretrain.resume",
                                "pretrain.lr_prediction_scale", "pretrain.init_from"), "the demo sets it per run"),
               "name": "use --size", "budget": "use --budget", "set": "the report fills it in"}
+_TRAINER_OWNED = {k.removeprefix("pretrain.") for k in DEMO_OWNED if k.startswith("pretrain.")}
 
 
 def _value(item: str, text: str) -> Any:
@@ -162,8 +163,7 @@ def apply_settings(preset: dict, items: Sequence[str]) -> dict[str, Any]:
                                   f"--set '{prefix}={{KEY: VALUE}}'")
             node = node[part]
         trainer = parents == ["pretrain"]
-        owned = {k.removeprefix("pretrain.") for k in DEMO_OWNED}
-        known = set(node) | (set(DEFAULTS) - owned if trainer else set())
+        known = set(node) | (set(DEFAULTS) - _TRAINER_OWNED if trainer else set())
         if leaf not in known:
             raise ConfigError(f"--set {item}: no setting {key}; there are: {', '.join(sorted(known))}")
         value = _value(item, text)
@@ -230,7 +230,7 @@ def step0_encoder(preset: dict, seed_out: Path, seed: int) -> Path:
     wanted = {k: cfg[k] for k in ("model", "input_size", "seed", "model_kwargs")}
     if path.is_file():  # made for another model, input size or seed: refused, not silently resampled
         stored = torch.load(path, map_location="cpu", weights_only=True)["config"]
-        _check_reusable(path, {k: stored.get(k) for k in wanted}, json.loads(json.dumps(wanted)))
+        _check_reusable(path, {k: stored.get(k) for k in wanted}, _settings(wanted, drop=()))
         return path
     seed_epoch(seed, -1, 0)  # the trainer's seeding before it creates the model
     save_atomic({"model": create_model(cfg).state_dict(), "step": 0, "epoch": -1, "config": cfg}, path)
@@ -437,10 +437,6 @@ def _det_settings(key: str, preset: dict, seed: int, frozen: bool) -> dict:
             "overrides": det_overrides(preset, frozen)}
 
 
-def _ap(value: float | None) -> str:
-    return "0 (no detections)" if value is None else f"{value:.1f}"
-
-
 def _det_label(key: str, frozen: bool) -> str:
     return (CONTROLS.get(key) or NAMES[key]) + (", frozen backbone" if frozen else "")
 
@@ -490,7 +486,8 @@ def finetune(key: str, init: Path | None, run_dir: Path, preset: dict, seed: int
     result.update(time_s=time.time() - t0, settings=settings)
     _write_json(ap, result)
     box, mask = (result[task].get("AP") for task in ("bbox", "segm"))  # None: no detection at all
-    log(f"detection {label} (seed {seed}): box AP {_ap(box)}, mask AP {_ap(mask)} in {result['time_s'] / 60:.1f} min")
+    log(f"detection {label} (seed {seed}): box AP {ap_text(box)}, mask AP {ap_text(mask)} in "
+        f"{result['time_s'] / 60:.1f} min")
     return result
 
 

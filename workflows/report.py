@@ -132,7 +132,8 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
     several = len(seeds) > 1
     first = runs[0]
     det_keys = list(first["detection"])
-    ap = {k: [scored(r["detection"][k]) for r in runs] for k in det_keys}
+    detections = [{k: scored(v) for k, v in r["detection"].items()} for r in runs]  # per seed
+    ap = {k: [d[k] for d in detections] for k in det_keys}
     final = {m: [_final(r["curves"][m]) for r in runs] for m in METHOD_NAMES}
     step0 = [r["curves"]["mae"][0] for r in runs]
 
@@ -191,7 +192,7 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
               "runs": [{"seed": r["seed"], "curves": r["curves"],
                         "pretrain": {m: {k: v for k, v in r["pretrain"][m].items() if k != "config"}
                                      for m in METHOD_NAMES},
-                        "detection": {k: scored(v) for k, v in r["detection"].items()}} for r in runs]}
+                        "detection": d} for r, d in zip(runs, detections)]}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
     steps = final["mae"][0]["step"]
@@ -252,8 +253,13 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
     return text
 
 
+def ap_text(value: float | None) -> str:
+    """An AP for the console and the tables; None (detectron2's NaN) means no detection at all, scored 0."""
+    return "0 (no detections)" if value is None else f"{value:.1f}"
+
+
 def _ap(result: dict, task: str) -> str:
     metrics = result.get(task, {})
     if metrics.get("no_detections"):
-        return "0 (no detections)"
-    return "n/a" if metrics.get("AP") is None else f"{metrics['AP']:.1f}"
+        return ap_text(None)
+    return "n/a" if metrics.get("AP") is None else ap_text(metrics["AP"])
