@@ -131,7 +131,7 @@ def compare_backbones(argv: Sequence[str] | None = None) -> None:
     Each DIR is a train_net output dir holding `ap.json`; the first is the baseline, and the table shows every
     other run's delta against it.
     """
-    from .report import ap_table, load_ap, plot_ap
+    from .report import TASKS, ap_table, load_ap, plot_ap, scored
 
     p = argparse.ArgumentParser(description=compare_backbones.__doc__.split("\n")[0])
     p.add_argument("dirs", nargs="+", help="train_net output dirs; the first is the baseline")
@@ -142,8 +142,11 @@ def compare_backbones(argv: Sequence[str] | None = None) -> None:
     names = args.names or [Path(d).name for d in args.dirs]
     if len(names) != len(args.dirs):
         p.error(f"{len(names)} --names for {len(args.dirs)} dirs; give one name per dir")
-    results = [load_ap(d) for d in args.dirs]
+    results = [scored(load_ap(d)) for d in args.dirs]
     table = ap_table(names, results)
+    empty = [f"{name} ({t})" for name, r in zip(names, results) for t in TASKS if r.get(t, {}).get("no_detections")]
+    if empty:  # detectron2 reports NaN for these
+        table += "\n\nNo detections at all, scored 0 AP: " + ", ".join(empty)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

@@ -28,6 +28,22 @@ def load_ap(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def scored(result: dict) -> dict:
+    """A detector's ap.json with AP, AP50 and AP75 of 0 for a task in which it made no detection at all.
+
+    detectron2 reports such a task as NaN (null in ap.json); an empty detection set scores 0 precision at every
+    recall, so 0 is its COCO AP, and leaving it out would drop the worst seed from the mean. The size buckets
+    (APs / APm / APl) stay null: COCO leaves those undefined also when the val set has no objects of a size.
+    """
+    out = dict(result)
+    for task in TASKS:
+        metrics = result.get(task) or {}
+        ap = metrics.get("AP")
+        if metrics and (ap is None or ap != ap):  # null, or NaN in a file written by another tool
+            out[task] = {**metrics, **dict.fromkeys(METRICS, 0.0), "no_detections": True}
+    return out
+
+
 def ap_table(names: list[str], results: list[dict], spread: list[dict] | None = None) -> str:
     """Markdown table: one row per run, bbox/segm AP, AP50, AP75, with deltas to the first run.
 

@@ -26,7 +26,7 @@ from .data import BuiltinImages, RobustImages, build_dataset, eval_transform
 from .distributed import cleanup, init_distributed, resolve_device
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, UserError
-from .optim import build_optimizer
+from .optim import build_optimizer, fused_by_default
 from .visualize import reconstruction_panels, save_reconstruction_grid
 
 logger = logging.getLogger("pretrain")
@@ -213,8 +213,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     peak_lr = resolve_lr(cfg, world)
     resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world,
                 "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world}
-    # the fused CUDA kernel computes the same update in one launch per step
-    optimizer = build_optimizer(model, peak_lr, cfg["weight_decay"], fused=device.type == "cuda")
+    optimizer = build_optimizer(model, peak_lr, cfg["weight_decay"], fused=fused_by_default(device))
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the format
 
     start_epoch = 0

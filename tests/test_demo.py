@@ -300,6 +300,22 @@ def test_compare_backbones_table_plot_and_errors(report_dir, tmp_path, capsys):
     assert "one name per dir" in capsys.readouterr().err
 
 
+def test_compare_backbones_scores_a_run_without_detections_as_zero(tmp_path, capsys):
+    # the demo report's rule (scored) in the comparison tool too: 0 AP and a line naming it, not n/a
+    runs = {"base": {"bbox": {"AP": 1.5, "AP50": 4.0, "AP75": 0.5}, "segm": {"AP": 1.0, "AP50": 3.0, "AP75": 0.0}},
+            "null": {"bbox": dict.fromkeys(("AP", "AP50", "AP75")), "segm": {"AP": 0.4, "AP50": 1.0, "AP75": 0.0}}}
+    for name, ap in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ap.json").write_text(json.dumps(ap))
+    (tmp_path / "nan").mkdir()  # NaN as another tool writes it, not null
+    (tmp_path / "nan" / "ap.json").write_text('{"bbox": {"AP": NaN, "AP50": NaN, "AP75": NaN}, "segm": {}}')
+    assert compare_backbones([str(tmp_path / n) for n in ("base", "null", "nan")]) == 0
+    out = capsys.readouterr().out
+    assert "| null | 0.0 (-1.5) | 0.0 (-4.0) | 0.0 (-0.5) | 0.4 (-0.6) |" in out
+    assert "| nan | 0.0 (-1.5) |" in out and "n/a" in out.split("| nan |")[1]  # segm missing: still n/a
+    assert out.strip().endswith("No detections at all, scored 0 AP: null (bbox), nan (bbox)")
+
+
 def test_top_detections_ranks_filters_and_cuts_per_image():
     from detection.report import top_detections
 

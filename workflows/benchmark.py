@@ -28,10 +28,11 @@ import torch  # noqa: E402
 from pretrain.distributed import resolve_device  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.models import VIT_SIZES, list_models  # noqa: E402
+from pretrain.optim import fused_by_default  # noqa: E402
 from pretrain.visualize import save_figure  # noqa: E402
 
 from .measure import (PretrainWorkload, TrainStep, ViTDetWorkload, calibrate_memory,  # noqa: E402
-                      default_fused_adamw, median, peak_bf16_tflops, peak_memory, pretrain_flops, time_round_robin,
+                      median, peak_bf16_tflops, peak_memory, pretrain_flops, time_round_robin,
                       training_tflops)
 
 DEFAULT_BATCH = {("pretrain", "cpu"): 8, ("pretrain", "cuda"): 128, ("vitdet", "cpu"): 1, ("vitdet", "cuda"): 2}
@@ -88,7 +89,7 @@ def pretrain_workloads(cfg: BenchmarkConfig, input_size: int, patch_size: int) -
 
 
 def _fused(cfg: BenchmarkConfig, device: torch.device) -> bool:
-    return {"auto": default_fused_adamw(device), "on": True, "off": False}[cfg.fused_adamw]
+    return {"auto": fused_by_default(device), "on": True, "off": False}[cfg.fused_adamw]
 
 
 def measure_pretrain(cfg: BenchmarkConfig, device: torch.device) -> list[dict[str, Any]]:

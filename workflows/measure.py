@@ -24,7 +24,7 @@ from detection.vit import ViT
 from pretrain.config import DEFAULTS, create_model
 from pretrain.engine import autocast
 from pretrain.flops import count_flops
-from pretrain.optim import build_optimizer
+from pretrain.optim import build_optimizer, fused_by_default
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -110,11 +110,6 @@ class ViTDetWorkload:
 Workload = PretrainWorkload | ViTDetWorkload
 
 
-def default_fused_adamw(device: torch.device) -> bool:
-    """Fused AdamW on CUDA (one kernel for all parameters, fastest there); the foreach default elsewhere."""
-    return device.type == "cuda"
-
-
 class TrainStep:
     """One training step of a workload: forward (bf16 autocast on CUDA, as the trainer), backward,
     and, for pretraining, an AdamW step with the trainer's parameter groups.
@@ -123,7 +118,7 @@ class TrainStep:
         workload: what to build and run; built under seed 0, so equal settings give equal weights.
         device: where to run.
         compile: wrap the model in `torch.compile`.
-        fused: fused AdamW; None picks `default_fused_adamw(device)`.
+        fused: fused AdamW; None picks `fused_by_default(device)`.
     """
 
     def __init__(self, workload: Workload, device: torch.device, compile: bool = False,
@@ -136,7 +131,7 @@ class TrainStep:
         self.x = workload.inputs(device)
         self.optimizer = None
         if workload.uses_optimizer:
-            fused = default_fused_adamw(device) if fused is None else fused
+            fused = fused_by_default(device) if fused is None else fused
             # the trainer's optimizer and groups; the lr value does not change the step's cost
             self.optimizer = build_optimizer(self.model, DEFAULTS["blr"], DEFAULTS["weight_decay"], fused=fused)
 

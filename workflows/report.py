@@ -18,28 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from detection.report import (METRICS, TASKS, ap_table, mean_std, plot_ap, plot_curves,  # noqa: E402
-                              plot_predictions, read_metrics)
+                              plot_predictions, read_metrics, scored)
 from pretrain.visualize import save_figure  # noqa: E402
 
 METHOD_NAMES = {"mae": "MAE", "crossmae": "CrossMAE"}
 DETECTORS = {"vitdet_random": "ViTDet random init", "step0": "not pretrained (step 0)", "mae": "MAE",
              "crossmae": "CrossMAE"}
 PROBES = {"knn": "object probe k-NN", "linear": "object probe linear", "heldout_loss": "held-out reconstruction loss"}
-
-
-def scored(result: dict) -> dict:
-    """A detector's ap.json with AP, AP50 and AP75 of 0 for a task in which it made no detection at all.
-
-    detectron2 reports such a task as NaN (null in ap.json); an empty detection set scores 0 precision at every
-    recall, so 0 is its COCO AP, and leaving it out would drop the worst seed from the mean. The size buckets
-    (APs / APm / APl) stay null: COCO leaves those undefined also when the val set has no objects of a size.
-    """
-    out = dict(result)
-    for task in TASKS:
-        metrics = result.get(task) or {}
-        if metrics and metrics.get("AP") is None:
-            out[task] = {**metrics, **dict.fromkeys(METRICS, 0.0), "no_detections": True}
-    return out
 
 
 def detector_name(key: str) -> str:
