@@ -63,7 +63,7 @@ def benchmark(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", default="output/benchmark", help="directory for the table, JSON and plot")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (off by default)")
     p.add_argument("--fused-adamw", choices=("auto", "on", "off"), default="auto",
-                   help="fused AdamW kernel; auto: on for CUDA and CPU (as the trainer), the foreach default elsewhere")
+                   help="fused AdamW kernel; auto: on for CUDA and CPU (as the trainer), torch's default elsewhere")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device bf16 dense peak for MFU (default: known for H100/H200/A100)")
     p.add_argument("--vitdet", action="store_true", help="benchmark the ViTDet backbone's sdpa vs eager attention")
