@@ -229,6 +229,7 @@ def test_weight_decay_groups_follow_the_official_trainers(cls):
     if cls is CrossMAE:
         assert "wfm.linear.weight" in groups[0.05]
 
+
 def test_fused_adamw_the_trainer_uses_on_cpu_makes_the_default_update():
     # the trainer runs torch's fused AdamW on CPU too (pretrain.optim.fused_by_default): over the model's
     # weight-decay groups and a changing lr it must give the weights of the default implementation. The gradients
