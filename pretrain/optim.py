@@ -16,8 +16,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def fused_by_default(device: torch.device) -> bool:
     """Whether the trainer and the benchmark use torch's fused AdamW on `device`: on CUDA and CPU, where it is one
-    kernel for all parameters (the same update; on a 2-core CPU it took a third of the default implementation's
-    time for a ViT-Tiny demo step's update, the whole step 5-10% less)."""
+    kernel for all parameters (the same update as torch's default implementation, `tests/test_models.py`)."""
     return device.type in ("cuda", "cpu")
 
 

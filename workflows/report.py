@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from detection.report import (METRICS, TASKS, ap_table, mean_std, plot_ap, plot_curves,  # noqa: E402
+from detection.report import (TASKS, ap_table, mean_std, plot_ap, plot_curves,  # noqa: E402
                               plot_predictions, read_metrics, scored)
 from pretrain.visualize import save_figure  # noqa: E402
 
