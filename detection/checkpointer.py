@@ -2,9 +2,9 @@
 through the project's loader, and a load that leaves the backbone unset fails instead of training on random
 weights.
 
-- `.pth` / `.bin` / `.safetensors`: `pretrain.checkpoint.read_checkpoint`, i.e. `torch.load(weights_only=True)` or
+- `.pth` / `.bin` / `.safetensors`: `pretrain.files.read_checkpoint`, i.e. `torch.load(weights_only=True)` or
   safetensors: no code from the file runs. A released-weights name (`mae_vit_base`, ...) is downloaded into the
-  cache first (`pretrain.releases`).
+  cache first (`pretrain.weights.releases`).
 - Weights that are no detectron2 checkpoint (a pretraining, encoder, timm, transformers or mmpretrain file) are
   converted for this model's ViT on the fly by `detection.convert.to_vitdet`, as `tools/convert_pretrain_to_d2.py`
   would, and the conversion report is logged.
@@ -16,17 +16,27 @@ weights.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from pretrain.checkpoint import read_checkpoint
 from pretrain.errors import CheckpointError
-from pretrain.formats import import_state_dict
-from pretrain.releases import resolve_weights
+from pretrain.files import read_checkpoint
+from pretrain.weights.fit import slots_grid
+from pretrain.weights.formats import import_state_dict
+from pretrain.weights.releases import resolve_weights
+
+from .convert import target_from_vit, to_detectron2_checkpoint, to_vitdet
 
 __all__ = ["SafeCheckpointer"]
+
+
+def _grid_or_none(slots: int) -> tuple[int, int]:
+    """`slots_grid`, or (0, 0) for a count that is no grid."""
+    try:
+        return slots_grid(slots)
+    except CheckpointError:
+        return 0, 0
 
 
 class SafeCheckpointer(DetectionCheckpointer):
@@ -63,8 +73,6 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _converted(self, loaded: dict[str, Any], filename: str) -> dict[str, Any] | None:
         """A pretraining-side file (ViT encoder keys, any layout) converted for this model's ViT; None otherwise."""
-        from .convert import target_from_vit, to_detectron2_checkpoint, to_vitdet
-
         if "model" in loaded and isinstance(loaded["model"], dict) and "iteration" in loaded:
             return None  # a detectron2 training checkpoint (resume, model_final)
         sd, layout = import_state_dict(loaded, filename)
@@ -85,10 +93,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         unset = [k for k in incompatible.missing_keys + wrong_shape
                  if self.strict or (k.startswith("backbone.net.") and ".rel_pos_" not in k)]
         pos = [shape for k, shape, _ in incompatible.incorrect_shapes if k == "backbone.net.pos_embed"]
-        if pos and not self.allow_partial and math.isqrt(pos[0][1] - 1) ** 2 == pos[0][1] - 1:
+        cls_slot, side = _grid_or_none(pos[0][1]) if pos else (0, 0)
+        if cls_slot == 1:
             # the commonest mismatch: an encoder pretrained at another resolution (e.g. CrossMAE's ViT-B/448)
-            patch = self.model.backbone.net.patch_embed.proj.kernel_size[0]
-            size = math.isqrt(pos[0][1] - 1) * patch
+            size = side * self.model.backbone.net.patch_embed.proj.kernel_size[0]
             raise CheckpointError(f"{self._source} holds a pos_embed for {size} px pretraining, the config one for "
                                   f"another size; add model.backbone.net.pretrain_img_size={size} to the command")
         if unset:

@@ -6,8 +6,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from detectron2.data.detection_utils import SizeMismatchError
+from detectron2.engine import default_argument_parser, launch
+
 from pretrain.errors import UserError, command, one_line
-from pretrain.formats import summarize
+from pretrain.weights.formats import summarize
+
+from .convert import convert_checkpoint
+from .lazyconfig import target_from_config
+from .report import TASKS, ap_table, load_ap, plot_ap, scored
+from .train import main
 
 TRAIN_NET_EXAMPLES = """examples:
   # built-in shapes on CPU (the dataset is rendered on first use)
@@ -29,9 +37,6 @@ iter / train.max_iter, so overriding train.max_iter stretches warmup and LR step
 
 def train_net_parser() -> argparse.ArgumentParser:
     """detectron2's standard arguments plus `--dataset NAME JSON IMAGE_ROOT`."""
-    import detection  # noqa: F401  (compat layer first)
-    from detectron2.engine import default_argument_parser
-
     parser = default_argument_parser(epilog=TRAIN_NET_EXAMPLES)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
@@ -48,12 +53,6 @@ def train_net_parser() -> argparse.ArgumentParser:
 
 def train_net(argv: Sequence[str] | None = None) -> int:
     """Train and evaluate a detectron2 LazyConfig in one process per GPU (detectron2's `launch`)."""
-    from detectron2.engine import launch
-
-    from .train import main
-
-    from detectron2.data.detection_utils import SizeMismatchError
-
     parser = train_net_parser()
     args = parser.parse_args(argv)
     if not args.config_file:
@@ -84,8 +83,6 @@ def convert(argv: Sequence[str] | None = None) -> None:
     key=value pairs override --config as they do for tools/train_net.py; give both commands the same ones (e.g.
     model.backbone.net.pretrain_img_size=448 for a 448 px pretraining).
     """
-    from .convert import convert_checkpoint, target_from_config
-
     parser = argparse.ArgumentParser(description=convert.__doc__.split("\n")[0])
     parser.add_argument("input", help="weights file (.pth, .bin or .safetensors) or released-weights name")
     parser.add_argument("output", help="detectron2 checkpoint to write (.pth)")
@@ -131,8 +128,6 @@ def compare_backbones(argv: Sequence[str] | None = None) -> None:
     Each DIR is a train_net output dir holding `ap.json`; the first is the baseline, and the table shows every
     other run's delta against it.
     """
-    from .report import TASKS, ap_table, load_ap, plot_ap, scored
-
     p = argparse.ArgumentParser(description=compare_backbones.__doc__.split("\n")[0])
     p.add_argument("dirs", nargs="+", help="train_net output dirs; the first is the baseline")
     p.add_argument("--names", nargs="+", help="row labels (default: the dir names)")

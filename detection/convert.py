@@ -1,10 +1,10 @@
 """Hand a pretrained ViT encoder to detectron2's ViTDet: the one conversion route.
 
-The input is any weights file `pretrain.weights.read_weights` imports (official MAE / CrossMAE / timm,
+The input is any weights file `pretrain.weights.loading.read_weights` imports (official MAE / CrossMAE / timm,
 transformers, mmpretrain, detectron2, this project's; or a released-weights name), already in timm/MAE names.
 ViTDet's `ViT` has those names for `patch_embed.*`, `blocks.{i}.*` and `pos_embed` (kept at its pretraining size
 with the cls slot, `pretrain_use_cls_token=True`), but neither a cls token nor a final `norm`; its `rel_pos_*`
-tables are new and start at zero. So `to_vitdet` keeps the encoder that `pretrain.weights.encoder_state_dict`
+tables are new and start at zero. So `to_vitdet` keeps the encoder that `pretrain.weights.fit.encoder_state_dict`
 selects, minus `cls_token` and `norm`, under `backbone.net.`; resamples the position embedding when the target's
 grid (`pretrain_img_size / patch_size`) differs, and the patch kernel when the target asks for a larger patch
 (ViTDet's ViT-H uses patch 16; MAE's is 14); and refuses an encoder of another width or depth, since detectron2
@@ -14,34 +14,28 @@ converter tool and the demo share; `detection.checkpointer.SafeCheckpointer` cal
 """
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pretrain.checkpoint import save_atomic
 from pretrain.errors import CheckpointError, ConfigError
-from pretrain.formats import LoadReport, fit_encoder, grouped
-from pretrain.weights import encoder_shape, encoder_state_dict, read_weights
+from pretrain.files import save_atomic
+from pretrain.weights.fit import encoder_shape, encoder_state_dict, fit_encoder, pos_embed_grid
+from pretrain.weights.formats import LoadReport, grouped
+from pretrain.weights.loading import read_weights
 
-__all__ = ["TARGET_KEYS", "to_vitdet", "to_detectron2_checkpoint", "target_from_config", "target_from_vit",
-           "convert_checkpoint"]
+__all__ = ["to_vitdet", "to_detectron2_checkpoint", "target_from_vit", "convert_checkpoint"]
 
-TARGET_KEYS = ("embed_dim", "depth", "patch_size", "pretrain_img_size")
 _NOT_IN_VITDET = ("cls_token", "norm.weight", "norm.bias")  # ViTDet's ViT has no cls token and no final norm
 
 
 def _with_cls_slot(pos_embed: torch.Tensor) -> torch.Tensor:
     """(1, [1 +] S * S, D) -> (1, 1 + S * S, D): ViTDet configs expect the cls slot (unused, dropped at forward)."""
-    n = pos_embed.shape[1]
-    if math.isqrt(n - 1) ** 2 == n - 1:
+    if pos_embed_grid(pos_embed)[0] == 1:
         return pos_embed
-    if math.isqrt(n) ** 2 == n:
-        return torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
-    raise CheckpointError(f"pos_embed has {n} slots, neither S*S nor 1+S*S; cannot map it onto a square patch grid")
+    return torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
 
 
 def to_vitdet(sd: Mapping[str, torch.Tensor], *, embed_dim: int | None = None, depth: int | None = None,
@@ -51,11 +45,11 @@ def to_vitdet(sd: Mapping[str, torch.Tensor], *, embed_dim: int | None = None, d
 
     Args:
         sd: State dict with timm/MAE names (`cls_token`, `pos_embed` (1, [1 +] L, D), `patch_embed.proj.*`,
-            `blocks.{i}.*`, decoder keys...), e.g. from `pretrain.weights.read_weights`.
+            `blocks.{i}.*`, decoder keys...), e.g. from `pretrain.weights.loading.read_weights`.
         embed_dim: Target config's embed dim; checked when given.
         depth: Target config's number of blocks; checked when given.
         patch_size: Target config's patch size; a smaller patch in `sd` is resampled up to it
-            (`pretrain.formats.fit_encoder`), a larger one refused.
+            (`pretrain.weights.fit.fit_encoder`), a larger one refused.
         pretrain_img_size: Target config's `pretrain_img_size`. With the file's own patch size, its `pos_embed`
             grid must be `pretrain_img_size // patch_size` (else refused, naming the override that keeps the
             pretrained grid); when the patch is resampled, the grid is resampled with it.
@@ -83,7 +77,7 @@ def to_vitdet(sd: Mapping[str, torch.Tensor], *, embed_dim: int | None = None, d
     kept = {k: sd[k] for k in used}
     if "pos_embed" in kept:
         kept["pos_embed"] = _with_cls_slot(kept["pos_embed"])
-        grid = math.isqrt(kept["pos_embed"].shape[1] - 1)
+        grid = pos_embed_grid(kept["pos_embed"])[1]
         target_patch = patch_size or found["patch_size"]
         if (pretrain_img_size is not None and target_patch == found["patch_size"]
                 and grid != pretrain_img_size // target_patch):
@@ -110,48 +104,18 @@ def to_detectron2_checkpoint(new_sd: Mapping[str, torch.Tensor], source: str = "
     return {"model": model, "__author__": f"convert_pretrain_to_d2 {source}".strip()}
 
 
-def target_from_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, int]:
-    """embed_dim / depth / patch_size / pretrain_img_size of `model.backbone.net` in a detectron2 LazyConfig.
-
-    Fields the config leaves out take `ViT`'s defaults, as they will when the config is instantiated.
-
-    Args:
-        path: the LazyConfig file.
-        overrides: `key=value` overrides applied first, as train_net will apply them (e.g.
-            "model.backbone.net.pretrain_img_size=448" for an encoder pretrained at 448 px).
-
-    Raises:
-        ConfigError: the file does not exist, has no `model.backbone.net`, or an override names no config key.
-    """
-    from detectron2.config import LazyConfig
-
-    from .train import check_overrides
-    from .vit import ViT
-
-    if not Path(path).is_file():
-        raise ConfigError(f"config {path} not found; see configs/COCO/ and configs/demo/")
-    cfg = LazyConfig.load(str(path))
-    check_overrides(cfg, list(overrides))
-    try:
-        net = LazyConfig.apply_overrides(cfg, list(overrides)).model.backbone.net
-    except AttributeError:
-        raise ConfigError(f"{path} has no model.backbone.net; give a ViTDet config") from None
-    defaults = inspect.signature(ViT).parameters
-    return {k: net.get(k, defaults[k].default) for k in TARGET_KEYS}
-
-
 def target_from_vit(vit_state_dict: Mapping[str, torch.Tensor]) -> dict[str, int | None]:
     """`TARGET_KEYS` of a built ViTDet `ViT` from its state dict (keys without `backbone.net.`)."""
     shape = encoder_shape(vit_state_dict)
     if "pos_embed" not in vit_state_dict:  # use_abs_pos=False
         return {**shape, "pretrain_img_size": None}
-    side = math.isqrt(vit_state_dict["pos_embed"].shape[1] - 1)  # ViTDet keeps the cls slot
+    side = pos_embed_grid(vit_state_dict["pos_embed"])[1]  # ViTDet keeps the cls slot
     return {**shape, "pretrain_img_size": side * shape["patch_size"]}
 
 
 def convert_checkpoint(source: str | Path, output: str | Path, target: Mapping[str, int | None],
                        trust_pickle: bool = False, overwrite: bool = False) -> LoadReport:
-    """Read a weights file (any layout `pretrain.weights.read_weights` knows, or a release name), convert its
+    """Read a weights file (any layout `pretrain.weights.loading.read_weights` knows, or a release name), convert its
     encoder for `target`, write it atomically.
 
     Args:

@@ -8,7 +8,7 @@ Three ways to name a dataset in a config's `dataloader.*.dataset.names`:
   `tools/train_net.py --dataset NAME JSON IMAGE_ROOT` calls it before the config is built, then e.g.
   `dataloader.train.dataset.names=NAME` selects it.
 - `builtin_shapes_train`, `builtin_shapes_val`: `register_builtin_shapes()` renders circles, squares,
-  triangles and stars with polygon masks on noisy textured backgrounds (`pretrain.synthetic`, the renderer of
+  triangles and stars with polygon masks on noisy textured backgrounds (`pretrain.data.synthetic`, the renderer of
   pretraining's built-in images too, on other random streams), deterministically from a seed,
   into a cache folder (`$CROSSMAE_VITDET_CACHE` or `~/.cache/crossmae-vitdet`, under
   `builtin_shapes/seed{S}_n{train}-{val}_px{size}`) the first time it is read, then reuses it.
@@ -34,7 +34,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from pretrain.errors import DataError
-from pretrain.synthetic import SHAPE_CATEGORIES, render_shapes_image, shapes_rng
+from pretrain.data.synthetic import render_shapes_image, SHAPE_CATEGORIES, shapes_rng
 
 __all__ = ["SHAPE_CATEGORIES", "builtin_shapes_dir", "write_builtin_shapes", "build_builtin_shapes",
            "register_builtin_shapes", "register_coco_json", "check_dataset", "dataset_files", "BitmaskDatasetMapper"]

@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pycocotools.mask as mask_util  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pretrain.analysis.figures import save_figure  # noqa: E402
 from pretrain.errors import DataError  # noqa: E402
-from pretrain.visualize import save_figure  # noqa: E402
 
 
 METRICS = ("AP", "AP50", "AP75")
@@ -42,6 +42,19 @@ def scored(result: dict) -> dict:
         if metrics and (ap is None or ap != ap):  # null, or NaN in a file written by another tool
             out[task] = {**metrics, **dict.fromkeys(METRICS, 0.0), "no_detections": True}
     return out
+
+
+def ap_text(value: float | None) -> str:
+    """An AP for the console and the tables; None (detectron2's NaN) means no detection at all, scored 0."""
+    return "0 (no detections)" if value is None else f"{value:.1f}"
+
+
+def ap_cell(result: dict, task: str) -> str:
+    """One task's AP of a scored ap.json (`scored`) as table text: '0 (no detections)', 'n/a' or the value."""
+    metrics = result.get(task, {})
+    if metrics.get("no_detections"):
+        return ap_text(None)
+    return "n/a" if metrics.get("AP") is None else ap_text(metrics["AP"])
 
 
 def ap_table(names: list[str], results: list[dict], spread: list[dict] | None = None) -> str:

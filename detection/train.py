@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig
 
 from pretrain.errors import ConfigError
-from pretrain.releases import is_release_name
+from pretrain.weights.releases import is_release_name
 
 from .checkpointer import SafeCheckpointer
 from .datasets import BitmaskDatasetMapper, check_dataset, register_builtin_shapes, register_coco_json
 from .evaluation import write_ap_json
+from .lazyconfig import check_overrides
 
 logger = logging.getLogger("detectron2")
 
@@ -77,41 +79,6 @@ def check_config(cfg: DictConfig, eval_only: bool) -> None:
             check_dataset(name)
 
 
-def check_overrides(cfg: DictConfig, opts: list[str]) -> None:
-    """Refuse `key=value` overrides whose key the config does not have (a typo would be ignored silently).
-
-    A key is known if it is in the config, or if its node is a LazyCall whose target takes it as an argument
-    (e.g. `model.backbone.net.freeze`, a ViT argument the config leaves at its default).
-
-    Raises:
-        ConfigError: the first unknown key, with the closest known ones.
-    """
-    import difflib
-    import inspect
-
-    for opt in opts:
-        key = opt.split("=", 1)[0]
-        if "=" not in opt or not key:
-            raise ConfigError(f"override {opt!r} is not key=value; e.g. train.max_iter=1000")
-        node, parts = cfg, key.split(".")
-        for depth, part in enumerate(parts):
-            known = list(node.keys()) if isinstance(node, DictConfig) else []
-            if part in known:
-                node = node[part]
-                continue
-            target = node.get("_target_") if isinstance(node, DictConfig) else None
-            target = locate(target) if isinstance(target, str) else target
-            if depth == len(parts) - 1 and target is not None:
-                params = inspect.signature(target).parameters
-                if part in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                    break
-                known += list(params)
-            near = difflib.get_close_matches(part, known, n=2)
-            where = ".".join(parts[:depth]) or "the config"
-            hint = f"; did you mean {' or '.join('.'.join([*parts[:depth], n]) for n in near)}?" if near else ""
-            raise ConfigError(f"override {key}: {where} has no key {part!r}{hint}")
-
-
 _RUN_FILES = ("last_checkpoint", "metrics.json", "ap.json", "model_final.pth")
 
 
@@ -134,8 +101,6 @@ def claim_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"train.output_dir {out} holds an earlier run ({found[0]}); pass --resume to continue it, "
                           "--overwrite to replace it, or give another train.output_dir")
-    import shutil
-
     for name in [*_RUN_FILES, "log.txt"]:
         (out / name).unlink(missing_ok=True)
     for path in [*out.glob("model_*.pth"), *out.glob("events.out.tfevents.*")]:

@@ -11,15 +11,17 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .analysis.report import analyze_attention as analyze
+from .analysis.report import reconstruction_grids
 from .errors import command
+from .training.config import load_config
+from .training.trainer import run
+from .weights.loading import export_encoder as export
 
 
 @command
 def pretrain(argv: Sequence[str] | None = None) -> None:
     """MAE / CrossMAE pretraining: flags as MAE's main_pretrain.py over a recipe (`--config`)."""
-    from .config import load_config
-    from .trainer import run
-
     cfg = load_config(argv)
     log = logging.getLogger("pretrain")
     if not any(isinstance(h, _Stderr) for h in log.handlers):
@@ -45,8 +47,6 @@ class _Stderr(logging.StreamHandler):
 @command
 def export_encoder(argv: Sequence[str] | None = None) -> None:
     """Write the encoder of a pretraining checkpoint as a timm-named `{"model": ..., "meta": ...}` file."""
-    from .weights import export_encoder as export
-
     p = argparse.ArgumentParser(description=export_encoder.__doc__)
     p.add_argument("checkpoint", help="pretraining checkpoint (this project's, a released MAE / CrossMAE one in any "
                                       "layout the project reads, or a released-weights name)")
@@ -81,8 +81,6 @@ def _checkpoint_args(p: argparse.ArgumentParser, default_output: str, batch_size
 @command
 def visualize(argv: Sequence[str] | None = None) -> None:
     """Reconstruction grids (original | masked | reconstruction | reconstruction + visible) of a checkpoint."""
-    from .analyze import reconstruction_grids
-
     p = argparse.ArgumentParser(description=visualize.__doc__)
     _checkpoint_args(p, "output/visualize", batch_size=8)
     p.add_argument("--prediction_ratio", type=float,
@@ -98,8 +96,6 @@ def visualize(argv: Sequence[str] | None = None) -> None:
 def analyze_attention(argv: Sequence[str] | None = None) -> None:
     """Decoder analysis: MAE's mask-token attention per block (Table 6's per-key statistic and the per-query
     mass), CrossMAE's feature-map weights."""
-    from .analyze import analyze_attention as analyze
-
     p = argparse.ArgumentParser(description=analyze_attention.__doc__)
     _checkpoint_args(p, "output/attention", batch_size=32)
     a = p.parse_args(argv)

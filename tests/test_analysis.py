@@ -11,13 +11,13 @@ from PIL import Image
 from timm.models.vision_transformer import Block
 
 from pretrain import cli
-from pretrain.attention import (CLS, MASK, VISIBLE, AttentionMass, attention_mass_rows, attention_output,
-                                attention_probabilities, decoder_token_groups, feature_weights, mae_attention_mass)
-from pretrain.config import DEFAULTS, create_model
-from pretrain.data import Builtin, mask_noise, render_builtin_image
+from pretrain.analysis.attention import (CLS, MASK, VISIBLE, AttentionMass, attention_mass_rows, attention_output, attention_probabilities, decoder_token_groups, feature_weights, mae_attention_mass)
+from pretrain.models import create_model
+from pretrain.training.config import DEFAULTS
+from pretrain.data.images import Builtin, mask_noise, render_builtin_image
 from pretrain.errors import CheckpointError
 from pretrain.models import CrossMAE, build_model
-from pretrain.weights import load_pretrain_model
+from pretrain.weights.loading import load_pretrain_model
 
 TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2)
 L = 16  # (32 / 8) ** 2 patches; 4 visible at mask ratio 0.75
@@ -29,7 +29,7 @@ def tiny(name: str, seed: int = 0, **kw):
 
 
 def save_ours(path: Path, name: str, seed: int = 0) -> Path:
-    """A checkpoint in this project's format, as `pretrain.trainer` writes it."""
+    """A checkpoint in this project's format, as `pretrain.training.trainer` writes it."""
     cfg = {**DEFAULTS, "model": name, "model_kwargs": TINY, "decoder_depth": 2, "input_size": 32}
     torch.manual_seed(seed)
     model = create_model(cfg)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 
-from pretrain.flops import sdpa_flop_handle
+from pretrain.evaluation.flops import sdpa_flop_handle
 from workflows import cli
 from workflows.benchmark import BenchmarkConfig, run
 from workflows.measure import PretrainWorkload, peak_memory, pretrain_flops, time_round_robin, training_tflops

@@ -13,7 +13,8 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detection.cli import convert as convert_main
 from detection.convert import to_vitdet
 from detection.vit import SimpleFeaturePyramid, ViT
-from pretrain.weights import encoder_shape, state_dict_of
+from pretrain.weights.fit import encoder_shape
+from pretrain.weights.loading import state_dict_of
 
 D, DEPTH, PATCH = 16, 2, 16
 
@@ -159,7 +160,8 @@ def test_a_pretraining_at_another_resolution_reaches_vitdet_through_one_override
     from detection import train
     from detection.checkpointer import SafeCheckpointer
     from detection.cli import train_net_parser
-    from pretrain.config import DEFAULTS, create_model
+    from pretrain.models import create_model
+    from pretrain.training.config import DEFAULTS
     from pretrain.errors import CheckpointError
 
     smoke = str(Path(__file__).resolve().parents[1] / "configs/demo/mask_rcnn_vit_smoke_builtin.py")

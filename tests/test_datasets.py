@@ -11,9 +11,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import detection  # noqa: F401  (compat layer before detectron2)
-from pretrain.data import render_builtin_image
+from pretrain.data.images import render_builtin_image
 from pretrain.errors import DataError
-from pretrain.synthetic import render_shapes_image, shapes_rng
+from pretrain.data.synthetic import render_shapes_image, shapes_rng
 from detection.datasets import (
     SHAPE_CATEGORIES,
     BitmaskDatasetMapper,

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from detection.cli import compare_backbones
-from pretrain.config import create_model
+from pretrain.models import create_model
 from pretrain.errors import ConfigError
-from workflows import cli, demo
-from workflows.report import at_compute, paired, scored
+from detection.report import ap_text, scored
+from workflows import cli
+from workflows.demo import curves, data, detectors, labels, pipeline, pretraining, presets, scheduler
+from workflows.demo.stats import at_compute, paired
 
 DETECTORS = ("vitdet_random", "step0", "mae", "crossmae")
 
@@ -23,7 +25,7 @@ DETECTORS = ("vitdet_random", "step0", "mae", "crossmae")
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    demo.run(out, "smoke")
+    pipeline.run(out, "smoke")
     return out
 
 
@@ -107,7 +109,7 @@ def test_rerun_reuses_finished_steps_and_a_second_seed_gives_the_spread(report_d
 
 def test_finished_steps_made_with_other_settings_are_refused_not_reused(report_dir, monkeypatch):
     before = (report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text()
-    real = demo.load_preset
+    real = presets.load_preset
 
     def changed(section, key, value):
         def load(name, budget=None):
@@ -116,17 +118,17 @@ def test_finished_steps_made_with_other_settings_are_refused_not_reused(report_d
             return preset
         return load
 
-    monkeypatch.setattr(demo, "load_preset", changed("detection", "iters", 15))
+    monkeypatch.setattr(pipeline, "load_preset", changed("detection", "iters", 15))
     with pytest.raises(ConfigError, match=r"detection/vitdet_random was made with other settings .*max_iter=14.*"
                                           r"--fresh"):
-        demo.run(report_dir, "smoke")
-    monkeypatch.setattr(demo, "load_preset", changed("pretrain", "epochs", 3))
+        pipeline.run(report_dir, "smoke")
+    monkeypatch.setattr(pipeline, "load_preset", changed("pretrain", "epochs", 3))
     with pytest.raises(ConfigError, match=r"pretrain/mae was made with other settings .*epochs: 2 -> 3"):
-        demo.run(report_dir, "smoke")
+        pipeline.run(report_dir, "smoke")
     # the shared step-0 weights too: another input size must not start from a resampled old init
-    monkeypatch.setattr(demo, "load_preset", changed("pretrain", "input_size", 48))
+    monkeypatch.setattr(pipeline, "load_preset", changed("pretrain", "input_size", 48))
     with pytest.raises(ConfigError, match=r"init.pth was made with other settings .*input_size: 32 -> 48"):
-        demo.run(report_dir, "smoke")
+        pipeline.run(report_dir, "smoke")
     assert (report_dir / "seed0" / "detection" / "mae" / "ap.json").read_text() == before
 
 
@@ -163,13 +165,13 @@ def _descendants(pid: int, procs: dict[int, tuple[int, str, str]]) -> set[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 def test_sigterm_stops_the_workers_and_their_train_net(tmp_path):
     # A killed demo once left a detector's train_net running, which later wrote an ap.json without its settings.
-    out, log = tmp_path / "out", tmp_path / "demo.log"
+    out, log = tmp_path / "out", tmp_path / "labels.log"
 
     def tail() -> str:
         return log.read_text(errors="replace")[-1500:]
 
     with open(log, "w") as f:
-        demo_proc = subprocess.Popen([sys.executable, str(demo.ROOT / "tools" / "demo.py"), "--size", "smoke",
+        demo_proc = subprocess.Popen([sys.executable, str(presets.ROOT / "tools" / "demo.py"), "--size", "smoke",
                                       "--jobs", "2", "--output", str(out)], stdout=f, stderr=subprocess.STDOUT)
     family: dict[int, str] = {}  # the demo's descendants as last seen: pid -> command line
 
@@ -219,50 +221,50 @@ def test_tasks_run_after_what_they_need_and_the_first_failure_stops_the_rest(tmp
         order.append(name)
         return value
 
-    tasks = [demo.Task("c", lambda r: (step, ("c", r["a"] + r["b"])), after=["a", "b"]),
-             demo.Task("a", lambda r: (step, ("a", 1))),
-             demo.Task("b", lambda r: (step, ("b", 2)), finished=None),
-             demo.Task("d", lambda r: (step, ("d", 0)), finished=7)]  # reused: never run
-    results = demo.run_tasks(tasks, None, 1, 1, tmp_path, lambda: (0, ""), total=1, desc="")
+    tasks = [scheduler.Task("c", lambda r: (step, ("c", r["a"] + r["b"])), after=["a", "b"]),
+             scheduler.Task("a", lambda r: (step, ("a", 1))),
+             scheduler.Task("b", lambda r: (step, ("b", 2)), finished=None),
+             scheduler.Task("d", lambda r: (step, ("d", 0)), finished=7)]  # reused: never run
+    results = scheduler.run_tasks(tasks, None, 1, 1, tmp_path, lambda: (0, ""), total=1, desc="")
     assert results == {"a": 1, "b": 2, "c": 3, "d": 7} and order == ["a", "b", "c"]
 
     def fail():
         raise ConfigError("broken")
 
-    tasks = [demo.Task("x", lambda r: (fail, ())), demo.Task("y", lambda r: (step, ("y", 0)), after=["x"])]
+    tasks = [scheduler.Task("x", lambda r: (fail, ())), scheduler.Task("y", lambda r: (step, ("y", 0)), after=["x"])]
     with pytest.raises(ConfigError, match="broken"):
-        demo.run_tasks(tasks, None, 1, 1, tmp_path, lambda: (0, ""), total=1, desc="")
+        scheduler.run_tasks(tasks, None, 1, 1, tmp_path, lambda: (0, ""), total=1, desc="")
     assert "y" not in order
     with pytest.raises(ConfigError, match="--jobs 0"):
-        demo.plan_jobs(0)
-    assert demo.plan_jobs(1) == (1, torch.get_num_threads())
-    assert demo.ap_text(None) == "0 (no detections)" and demo.ap_text(3.14) == "3.1"  # pycocotools' None: no crash
+        scheduler.plan_jobs(0)
+    assert scheduler.plan_jobs(1) == (1, torch.get_num_threads())
+    assert ap_text(None) == "0 (no detections)" and ap_text(3.14) == "3.1"  # pycocotools' None: no crash
 
 
 def test_budget_merges_over_the_preset():
-    base, long = demo.load_preset("tiny"), demo.load_preset("tiny", "long")
+    base, long = presets.load_preset("tiny"), presets.load_preset("tiny", "long")
     assert long["pretrain"]["epochs"] > base["pretrain"]["epochs"] and long["detection"]["frozen"]
     assert long["pretrain"]["batch_size"] == base["pretrain"]["batch_size"]  # untouched keys stay
     assert (base["budget"], long["budget"]) == ("default", "long")
 
 
 def test_set_changes_preset_settings_and_refuses_unknown_keys():
-    base = demo.load_preset("tiny")
-    cfg = demo.apply_settings(base, ["pretrain.blr=8e-3", "crossmae_prediction_ratio=0.75", "pretrain.min_lr=1e-6",
+    base = presets.load_preset("tiny")
+    cfg = presets.apply_settings(base, ["pretrain.blr=8e-3", "crossmae_prediction_ratio=0.75", "pretrain.min_lr=1e-6",
                                      "probe.pool=mean"])
     assert cfg["pretrain"]["blr"] == 0.008 and isinstance(cfg["pretrain"]["blr"], float)  # 8e-3 is a str to YAML
     assert cfg["crossmae_prediction_ratio"] == 0.75 and cfg["pretrain"]["min_lr"] == 1e-6  # a trainer key
     assert cfg["probe"]["pool"] == "mean" and cfg["set"][0] == "pretrain.blr=8e-3"
     assert base["pretrain"]["blr"] == 4e-3 and "set" not in base  # the preset itself is untouched
-    assert demo.pretrain_config("crossmae", cfg, Path("x"), 0, "x")["prediction_ratio"] == 0.75
+    assert pretraining.pretrain_config("crossmae", cfg, Path("x"), 0, "x")["prediction_ratio"] == 0.75
     for bad, words in (("pretrain.blr", "KEY=VALUE"), ("pretrain.bogus=1", "no setting pretrain.bogus"),
                        ("detection.iters.x=1", "not a section"), ("probe.min_lr=0", "no setting probe.min_lr"),
                        ("pretrain.seed=3", "use --seeds"), ("budget=long", "use --budget"),
                        ("probe.k=abc", "is int"), ("detection=1", "is dict"), ("pretrain.blr=nan", "not a finite"),
                        ("pretrain.epochs=2.5", "is int"), ("probe.k=[", "not a YAML value")):
         with pytest.raises(ConfigError, match=words):
-            demo.apply_settings(base, [bad])
-    assert demo.apply_settings(base, ["pretrain.min_lr=0"])["pretrain"]["min_lr"] == 0  # an int for a float
+            presets.apply_settings(base, [bad])
+    assert presets.apply_settings(base, ["pretrain.min_lr=0"])["pretrain"]["min_lr"] == 0  # an int for a float
 
 
 def test_set_items_of_repeated_flags_all_count(tmp_path, capsys):
@@ -274,9 +276,9 @@ def test_set_items_of_repeated_flags_all_count(tmp_path, capsys):
 def test_frozen_variant_fine_tunes_a_frozen_backbone():
     from detectron2.config import LazyConfig, instantiate
 
-    preset = demo.load_preset("smoke")
-    cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / preset["detection"]["config"]))
-    cfg = LazyConfig.apply_overrides(cfg, demo.det_overrides(preset, frozen=True))
+    preset = presets.load_preset("smoke")
+    cfg = LazyConfig.load(str(presets.DEMO_CONFIGS / preset["detection"]["config"]))
+    cfg = LazyConfig.apply_overrides(cfg, detectors.det_overrides(preset, frozen=True))
     model = instantiate(cfg.model).train()
     assert model.backbone.net.freeze and not model.backbone.net.training
     assert not any(p.requires_grad for p in model.backbone.net.parameters())
@@ -366,31 +368,31 @@ def test_demo_schedule_steps_the_lr_inside_a_shortened_run():
     # train.max_iter would never decay. schedule_overrides must move both steps (and the warm-up) inside it.
     from detectron2.config import LazyConfig, instantiate
 
-    cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / "mask_rcnn_vit_tiny_builtin.py"))
-    cfg = LazyConfig.apply_overrides(cfg, demo.schedule_overrides(450))
+    cfg = LazyConfig.load(str(presets.DEMO_CONFIGS / "mask_rcnn_vit_tiny_builtin.py"))
+    cfg = LazyConfig.apply_overrides(cfg, detectors.schedule_overrides(450))
     assert cfg.train.max_iter == 450 and cfg.train.eval_period == 0
     sched = instantiate(cfg.lr_multiplier)  # detectron2's LRMultiplier calls it with iteration / max_iter
     lr = [sched(i / 450) for i in range(450)]
     assert lr[0] < 0.01 and lr[100] == pytest.approx(1.0)
     assert lr[399] == pytest.approx(1.0) and lr[401] == pytest.approx(0.1) and lr[449] == pytest.approx(0.01)
     with pytest.raises(ConfigError, match="too short"):
-        demo.schedule_overrides(13)
+        detectors.schedule_overrides(13)
 
 
-@pytest.mark.parametrize("method", demo.METHODS)
+@pytest.mark.parametrize("method", labels.METHODS)
 def test_gpu_preset_small_encoder_fits_its_detector(method, tmp_path):
     # `--size small` is meant for a CUDA device: a mismatch between its pretraining model and its detection
     # overrides would only show after the GPU pretraining. Build both here, on CPU, through the demo's own
     # config, conversion (which checks the target) and override code, and check every tensor lands.
     from detectron2.config import LazyConfig, instantiate
 
-    preset = demo.load_preset("small")
-    cfg = demo.pretrain_config(method, preset, tmp_path / "run", seed=0, data_path="unused")
+    preset = presets.load_preset("small")
+    cfg = pretraining.pretrain_config(method, preset, tmp_path / "run", seed=0, data_path="unused")
     torch.save({"model": create_model(cfg).state_dict()}, tmp_path / "checkpoint.pth")
-    init = demo.convert(tmp_path / "checkpoint.pth", tmp_path / "d2.pth", preset)
+    init = detectors.convert(tmp_path / "checkpoint.pth", tmp_path / "d2.pth", preset)
     converted = _weights(init)
-    det_cfg = LazyConfig.load(str(demo.DEMO_CONFIGS / preset["detection"]["config"]))
-    det_cfg = LazyConfig.apply_overrides(det_cfg, demo.det_overrides(preset))
+    det_cfg = LazyConfig.load(str(presets.DEMO_CONFIGS / preset["detection"]["config"]))
+    det_cfg = LazyConfig.apply_overrides(det_cfg, detectors.det_overrides(preset))
     assert det_cfg.train.device == "cuda"
     target = instantiate(det_cfg.model).state_dict()
     net = {k for k in target if k.startswith("backbone.net.") and "rel_pos" not in k}
@@ -401,18 +403,18 @@ def test_gpu_preset_small_encoder_fits_its_detector(method, tmp_path):
 
 def test_curve_points_are_evaluated_again_under_other_probe_settings(report_dir):
     # curve.json caches each snapshot's probe scores; a --set probe.* must not reuse scores of other settings
-    preset = demo.load_preset("smoke")
+    preset = presets.load_preset("smoke")
     info = json.loads((report_dir / "seed0" / "pretrain" / "mae" / "summary.json").read_text())
-    sets = demo.detection_sets(preset)
-    probes, val = demo.probe_sets(sets, preset["pretrain"]["input_size"]), demo._images_of(*sets["val"])
-    gflops = demo.forward_gflops("mae", preset)
-    before = demo.curve("mae", info, probes, val, preset, gflops)
+    sets = data.detection_sets(preset)
+    probes, val = data.probe_sets(sets, preset["pretrain"]["input_size"]), data.images_of(*sets["val"])
+    gflops = pretraining.forward_gflops("mae", preset)
+    before = curves.curve("mae", info, probes, val, preset, gflops)
     assert all(p["probe"] == preset["probe"] for p in before)
-    other = demo.apply_settings(preset, ["probe.k=1", "probe.pool=mean"])
-    after = demo.curve("mae", info, probes, val, other, gflops)
+    other = presets.apply_settings(preset, ["probe.k=1", "probe.pool=mean"])
+    after = curves.curve("mae", info, probes, val, other, gflops)
     assert [p["step"] for p in after] == [p["step"] for p in before]
     assert all(p["probe"]["k"] == 1 and p["probe"]["pool"] == "mean" for p in after)
     stored = json.loads((report_dir / "seed0" / "pretrain" / "mae" / "curve.json").read_text())
     assert [p["probe"] for p in stored] == [p["probe"] for p in after]
-    again = demo.curve("mae", info, probes, val, preset, gflops)  # back to the preset's: evaluated afresh
+    again = curves.curve("mae", info, probes, val, preset, gflops)  # back to the preset's: evaluated afresh
     assert [p["knn"] for p in again] == pytest.approx([p["knn"] for p in before])

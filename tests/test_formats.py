@@ -17,12 +17,13 @@ from detection.checkpointer import SafeCheckpointer
 from detection.cli import convert as convert_main
 from detection.convert import convert_checkpoint, to_vitdet
 from detection.vit import ViT
-from pretrain.checkpoint import load_model_weights
+from pretrain.weights.fit import load_model_weights
 from pretrain.errors import CheckpointError
-from pretrain.formats import LAYOUTS, detect_layout, from_transformers, group_of, resize_pos_embed
+from pretrain.weights.fit import resize_pos_embed
+from pretrain.weights.formats import detect_layout, from_transformers, group_of, LAYOUTS
 from pretrain.models import MAE, CrossMAE
-from pretrain.trainer import start_from_encoder
-from pretrain.weights import load_encoder, load_pretrain_model, read_weights
+from pretrain.weights.loading import load_encoder_into
+from pretrain.weights.loading import load_encoder, load_pretrain_model, read_weights
 
 DATA = Path(__file__).parent / "data"
 D, HEADS, PATCH, IMG = 192, 3, 8, 32  # the ViT-Ti width, from which loaders tell the head count
@@ -377,7 +378,7 @@ def test_init_from_takes_any_layout_and_refuses_a_wrong_shape_in_one_line(hf_enc
     from pretrain.models import build_model
 
     model = build_model("mae_vit_tiny_patch16", img_size=2 * IMG, patch_size=PATCH, depth=2, decoder_depth=1)
-    replaced = start_from_encoder(model, hf_encoder[1]["hub"])  # a 4 x 4 grid into an 8 x 8 one: resampled
+    replaced = load_encoder_into(model, hf_encoder[1]["hub"]).loaded  # a 4 x 4 grid into an 8 x 8 one: resampled
     assert "blocks.1.attn.qkv.weight" in replaced and model.pos_embed.shape == (1, 65, D)
     hf_qkv = torch.cat([hf_encoder[0].state_dict()[f"layers.0.attention.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(model.blocks[0].attn.qkv.weight, hf_qkv)
@@ -386,5 +387,5 @@ def test_init_from_takes_any_layout_and_refuses_a_wrong_shape_in_one_line(hf_enc
     sd["blocks.1.mlp.fc1.weight"] = torch.zeros(7, D)
     torch.save({"model": sd}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match=r"blocks.1.mlp.fc1.weight \(7, 192\) vs \(768, 192\)") as e:
-        start_from_encoder(model, tmp_path / "odd.pth")
+        load_encoder_into(model, tmp_path / "odd.pth")
     assert "\n" not in str(e.value)

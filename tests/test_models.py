@@ -215,7 +215,7 @@ def test_bad_ratios_and_noise_are_refused():
 def test_weight_decay_groups_follow_the_official_trainers(cls):
     # MAE's and CrossMAE's main_pretrain: timm 0.3.2's add_weight_decay(model, wd) with no skip list, i.e. no
     # decay exactly on 1-D parameters and biases; frozen parameters (the sin-cos embeddings) are left out
-    from pretrain.optim import build_optimizer
+    from pretrain.training.optim import build_optimizer
 
     model = _tiny(cls)
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -231,11 +231,11 @@ def test_weight_decay_groups_follow_the_official_trainers(cls):
 
 
 def test_fused_adamw_the_trainer_uses_on_cpu_makes_the_default_update():
-    # the trainer runs torch's fused AdamW on CPU too (pretrain.optim.fused_by_default): over the model's
+    # the trainer runs torch's fused AdamW on CPU too (pretrain.training.optim.fused_by_default): over the model's
     # weight-decay groups and a changing lr it must give the weights of the default implementation. The gradients
     # are given (the same random ones for both), not back-propagated: a loss leaves the key biases with gradients
     # of rounding noise only, which Adam scales up to +-lr steps of either sign in either implementation
-    from pretrain.optim import build_optimizer, fused_by_default
+    from pretrain.training.optim import build_optimizer, fused_by_default
 
     assert fused_by_default(torch.device("cpu"))
     models = [_tiny(CrossMAE), _tiny(CrossMAE)]

@@ -12,12 +12,15 @@ import torch
 import yaml
 from PIL import Image
 
-from pretrain import checkpoint as ckpt_mod
-from pretrain.config import DEFAULTS, create_model, load_config, resolve_lr
-from pretrain.data import build_dataset, render_builtin_image
-from pretrain.engine import lr_at, optimizer_steps_per_epoch, train_one_epoch
+from pretrain import files as files_mod
+from pretrain.models import create_model
+from pretrain.training.config import DEFAULTS, load_config, resolve_lr
+from pretrain.data.images import build_dataset, render_builtin_image
+from pretrain.training.engine import optimizer_steps_per_epoch, train_one_epoch
+from pretrain.training.schedule import lr_at
 from pretrain.errors import CheckpointError, ConfigError, DataError
-from pretrain.trainer import TrainingDiverged, run
+from pretrain.training import trainer
+from pretrain.training.trainer import TrainingDiverged, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
@@ -263,15 +266,15 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
 
 def test_atomic_save_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "ck.pth"
-    ckpt_mod.save_atomic({"a": torch.ones(2)}, path)
+    files_mod.save_atomic({"a": torch.ones(2)}, path)
 
     def broken_save(obj, f):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    monkeypatch.setattr(files_mod.torch, "save", broken_save)
     with pytest.raises(OSError):
-        ckpt_mod.save_atomic({"a": torch.zeros(2)}, path)
+        files_mod.save_atomic({"a": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]  # no temp file left behind
 
@@ -293,8 +296,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, epochs=1)
     run(cfg)
     good = torch.load(Path(cfg["output_dir"]) / "checkpoint-last.pth", weights_only=True)
-    import pretrain.trainer as trainer
-
     real = trainer.create_model
 
     def nan_model(c):
@@ -354,7 +355,7 @@ def test_snapshots_hold_the_step_zero_weights_and_later_ones(tmp_path):
     first = torch.load(snaps[0], weights_only=True)
     assert set(first) == {"model", "step", "epoch", "config"} and first["step"] == 0
     torch.manual_seed(0)
-    from pretrain.trainer import seed_epoch
+    from pretrain.training.trainer import seed_epoch
 
     seed_epoch(cfg["seed"], -1, 0)
     fresh = create_model(cfg).state_dict()

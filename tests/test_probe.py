@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from detection.datasets import write_builtin_shapes
-from pretrain.config import DEFAULTS, create_model
+from pretrain.models import create_model
+from pretrain.training.config import DEFAULTS
 from pretrain.errors import ConfigError
-from pretrain.probe import ObjectCrops, accuracy, encoder_features, knn_classify, linear_probe
-from pretrain.weights import export_encoder, load_encoder
+from pretrain.evaluation import features as features_module
+from pretrain.evaluation.features import encoder_features
+from pretrain.evaluation.objects import ObjectCrops
+from pretrain.evaluation.probe import accuracy, knn_classify, linear_probe
+from pretrain.weights.loading import export_encoder, load_encoder
 from workflows import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,12 +121,10 @@ def test_cli_writes_json_and_one_line_and_reuses_cached_features(shapes, tmp_pat
     assert 0.0 <= result["knn"]["accuracy"] <= 1.0 and result["knn"]["k"] == 3 and result["feature_dim"] == 16 * 32
     assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
 
-    import pretrain.probe as probe_module
-
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again instead of read from the cache")
 
-    monkeypatch.setattr(probe_module, "extract_features", no_extraction)
+    monkeypatch.setattr(features_module, "extract_features", no_extraction)
     assert cli.probe(args) == 0
     assert json.loads((tmp_path / "probe.json").read_text()) == result
 

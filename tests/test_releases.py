@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from detection.cli import convert as convert_main
-from pretrain import releases
+from pretrain.weights import releases
 from pretrain.errors import CheckpointError
 from pretrain.models import build_model
-from pretrain.releases import RELEASES, Release, fetch, resolve_weights
-from pretrain.weights import load_encoder, load_pretrain_model
+from pretrain.weights.releases import fetch, Release, RELEASES, resolve_weights
+from pretrain.weights.loading import load_encoder, load_pretrain_model
 
 TINY = dict(img_size=32, patch_size=8, depth=2, decoder_depth=1)
 

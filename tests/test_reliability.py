@@ -16,12 +16,14 @@ from PIL import Image
 import detection  # noqa: F401  (compat layer before detectron2)
 from detection import cli as detection_cli
 from detection.datasets import clean_annotations, load_checked_coco_json, write_builtin_shapes
-from pretrain import checkpoint as ckpt_mod
+from pretrain import files as files_mod
 from pretrain import cli as pretrain_cli
-from pretrain.config import DEFAULTS, create_model, load_config
-from pretrain.data import open_rgb, render_builtin_image
+from pretrain.models import create_model
+from pretrain.training.config import DEFAULTS, load_config
+from pretrain.data.images import open_rgb, render_builtin_image
 from pretrain.errors import ConfigError, DataError
-from pretrain.trainer import run
+from pretrain.training import trainer
+from pretrain.training.trainer import run
 from workflows import cli as workflows_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,14 +158,12 @@ def test_a_kill_before_the_epoch_is_marked_done_loses_nothing(tmp_path, monkeypa
     full = _tiny_cfg(tmp_path / "a", epochs=3, save_every=1, snapshot_every=1)
     run(full)
     part = _tiny_cfg(tmp_path / "b", epochs=3, save_every=1, snapshot_every=1)
-    real = ckpt_mod.save_atomic
+    real = files_mod.save_atomic
 
     def killed_at_epoch_1_last(obj, path):
         if Path(path).name == "checkpoint-last.pth" and obj["epoch"] == 1:
             raise KeyboardInterrupt  # as a kill right after the numbered checkpoint, snapshot and log line
         real(obj, path)
-
-    import pretrain.trainer as trainer
 
     monkeypatch.setattr(trainer, "save_atomic", killed_at_epoch_1_last)
     with pytest.raises(KeyboardInterrupt):
@@ -179,8 +179,6 @@ def test_a_kill_before_the_epoch_is_marked_done_loses_nothing(tmp_path, monkeypa
 
 def test_a_loss_spike_stops_before_the_diverged_epoch_is_saved(tmp_path, monkeypatch):
     cfg = _tiny_cfg(tmp_path, epochs=3, builtin_size=96, loss_spike_factor=10.0)
-    import pretrain.trainer as trainer
-
     real = trainer.create_model
     calls = {"n": 0}
 
@@ -222,15 +220,13 @@ def test_leftover_temporary_files_are_cleaned_and_the_converter_writes_atomicall
         f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", dies)
+    monkeypatch.setattr(files_mod.torch, "save", dies)
     dst = tmp_path / "d2.pth"
     assert detection_cli.convert([str(src), str(dst), "--embed-dim", "32", "--depth", "2", "--patch-size", "8"]) == 130
     assert not dst.exists() and not list(tmp_path.glob(".d2.pth.*"))  # a retry is not blocked by a 0-byte file
 
 
 def test_ctrl_c_keeps_the_checkpoint_says_where_and_exits_130(tmp_path, monkeypatch, capsys):
-    import pretrain.trainer as trainer
-
     real = trainer.train_one_epoch
 
     def interrupted(*args, **kwargs):

@@ -5,7 +5,7 @@
 """
 import sys
 
-from workflows.cli import check_env
+from workflows.environment import main
 
 if __name__ == "__main__":
-    sys.exit(check_env())
+    sys.exit(main())

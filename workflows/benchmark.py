@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from pretrain.distributed import resolve_device  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.models import VIT_SIZES, list_models  # noqa: E402
-from pretrain.optim import fused_by_default  # noqa: E402
-from pretrain.visualize import save_figure  # noqa: E402
+from pretrain.training.optim import fused_by_default  # noqa: E402
+from pretrain.analysis.figures import save_figure  # noqa: E402
 
 from .measure import (PretrainWorkload, TrainStep, ViTDetWorkload, calibrate_memory,  # noqa: E402
                       median, peak_bf16_tflops, peak_memory, pretrain_flops, time_round_robin,

@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pretrain.errors import command
+from pretrain.evaluation.features import POOLS
+from pretrain.evaluation.objects import ObjectCrops, image_folder
+from pretrain.evaluation.probe import run_probe
+from pretrain.models import VIT_SIZES
+from pretrain.weights.loading import load_encoder
+
+from .benchmark import BenchmarkConfig
+from .benchmark import run as run_benchmark
+from .demo.pipeline import run as run_demo
+from .demo.presets import presets
+from .probe_data import object_sets
 
 
 @command
 def demo(argv: Sequence[str] | None = None) -> None:
     """The whole path on one machine: does a CrossMAE backbone detect as well as an MAE one, for less compute?"""
-    from .demo import presets, run
-
     p = argparse.ArgumentParser(description=demo.__doc__)
     p.add_argument("--output", help="where everything is written (default demo_output, or demo_output/BUDGET)")
     p.add_argument("--size", choices=presets(), default="tiny",
@@ -33,16 +44,12 @@ def demo(argv: Sequence[str] | None = None) -> None:
                         "crossmae_prediction_ratio=0.75 (with a new --output: finished steps made with other "
                         "settings are refused)")
     a = p.parse_args(argv)
-    print(run(a.output, a.size, a.seeds, a.budget, a.fresh, a.jobs, a.settings))
+    print(run_demo(a.output, a.size, a.seeds, a.budget, a.fresh, a.jobs, a.settings))
 
 
 @command
 def benchmark(argv: Sequence[str] | None = None) -> None:
     """MAE vs CrossMAE training cost side by side, and the ViTDet backbone's attention kernels."""
-    from pretrain.models import VIT_SIZES
-
-    from .benchmark import BenchmarkConfig, run
-
     p = argparse.ArgumentParser(description=benchmark.__doc__)
     p.add_argument("--size", choices=tuple(VIT_SIZES), default="base", help="encoder size (tiny for smoke runs)")
     p.add_argument("--input-size", type=int, default=224, help="image side of the main comparison")
@@ -70,29 +77,10 @@ def benchmark(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--vitdet-size", type=int, default=1024, help="ViTDet input side (1024 in ViTDet; e.g. 512 on CPU)")
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = BenchmarkConfig(**vars(p.parse_args(argv)))
-    run(cfg, shlex.join([".venv/bin/python", "tools/benchmark.py", *argv]))
+    run_benchmark(cfg, shlex.join([".venv/bin/python", "tools/benchmark.py", *argv]))
 
 
-@command
-def check_env(argv: Sequence[str] | None = None) -> None:
-    """Check that the installed stack can run the project (run at the end of set-up; `make check`)."""
-    from .environment import check_environment
-
-    argparse.ArgumentParser(description=check_env.__doc__).parse_args(argv)
-    print(check_environment())
-
-
-@command
-def probe(argv: Sequence[str] | None = None) -> None:
-    """Frozen-feature evaluation of any checkpoint's encoder: k-NN and linear probe, on the objects of a
-    COCO-format set (each box cropped) or on an ImageFolder with train/ and val/."""
-    import json
-    from pathlib import Path
-
-    from pretrain.probe import POOLS, ObjectCrops, image_folder, run_probe
-
-    from .probe_data import object_sets
-
+def _probe_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=probe.__doc__)
     p.add_argument("checkpoint", help="weights file (pretraining, export, released MAE / CrossMAE, timm, transformers, "
                                       "mmpretrain) or released-weights name (mae_vit_base, crossmae_vit_base, ...)")
@@ -126,9 +114,14 @@ def probe(argv: Sequence[str] | None = None) -> None:
     q.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd", help="sgd (momentum 0.9) or MAE's LARS")
     q.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the results as JSON here")
-    a = p.parse_args(argv)
+    return p
 
-    from pretrain.weights import load_encoder
+
+@command
+def probe(argv: Sequence[str] | None = None) -> None:
+    """Frozen-feature evaluation of any checkpoint's encoder: k-NN and linear probe, on the objects of a
+    COCO-format set (each box cropped) or on an ImageFolder with train/ and val/."""
+    a = _probe_parser().parse_args(argv)
 
     encoder, info = load_encoder(a.checkpoint, a.model, a.trust_pickle)
     input_size = encoder.patch_embed.img_size[0]

@@ -1,7 +1,10 @@
 """Check that the installed stack can run the project: one line saying what works, or a one-line error."""
 from __future__ import annotations
 
-from pretrain.errors import UserError
+import argparse
+from collections.abc import Sequence
+
+from pretrain.errors import UserError, command
 
 FIX = "delete .venv and rerun 'make test' (set-up rebuilds it), or see README 'Set-up'"
 
@@ -34,6 +37,7 @@ def check_environment() -> str:
                                 f"{torchvision.__version__} ({type(e).__name__}: {e}): they are not matching registry "
                                 f"builds; {FIX}") from None
     try:
+        # imported here, not at the top: this check must report a broken detectron2 in one line, not fail to import
         import detection  # applies the v0.6 compatibility layer when needed
         import detectron2
         from detectron2.evaluation import COCOEvaluator  # noqa: F401
@@ -46,3 +50,10 @@ def check_environment() -> str:
     build = "full build" if detection.compat.HAS_EXTENSION else "Python-only v0.6 with detection/compat.py"
     return (f"environment ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"detectron2 {detectron2.__version__} ({build})")
+
+
+@command
+def main(argv: Sequence[str] | None = None) -> None:
+    """Check that the installed stack can run the project (run at the end of set-up; `make check`)."""
+    argparse.ArgumentParser(description=main.__doc__).parse_args(argv)
+    print(check_environment())

@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 
 from detection.vit import ViT
-from pretrain.config import DEFAULTS, create_model
-from pretrain.engine import autocast
-from pretrain.flops import count_flops
-from pretrain.optim import build_optimizer, fused_by_default
+from pretrain.models import create_model
+from pretrain.training.config import DEFAULTS
+from pretrain.training.engine import autocast
+from pretrain.evaluation.flops import count_flops
+from pretrain.training.optim import build_optimizer, fused_by_default
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

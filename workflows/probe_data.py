@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from detection.datasets import dataset_files, register_builtin_shapes, register_coco_json
-from pretrain.errors import ConfigError
+from detection.lazyconfig import config_datasets
 
 
 def object_sets(config_file: str | None, train: str | None, val: str | None,
@@ -18,16 +18,8 @@ def object_sets(config_file: str | None, train: str | None, val: str | None,
     for name, json_file, image_root in datasets:
         register_coco_json(name, json_file, image_root)
     if config_file:
-        from detectron2.config import LazyConfig
-
-        from pathlib import Path
-
-        if not Path(config_file).is_file():
-            raise ConfigError(f"config {config_file} not found")
-        cfg = LazyConfig.load(config_file)
-        names = cfg.dataloader.train.dataset.names, cfg.dataloader.test.dataset.names
-        train = train or (names[0] if isinstance(names[0], str) else names[0][0])
-        val = val or (names[1] if isinstance(names[1], str) else names[1][0])
+        files = config_datasets(config_file)
+        return (dataset_files(train) if train else files[0]), (dataset_files(val) if val else files[1])
     if train is None or val is None:
         default_train, default_val = register_builtin_shapes()
         train, val = train or default_train, val or default_val

@@ -108,7 +108,7 @@ class CrossMAE(MaskedViTEncoder):
         use_input: feed the embedded input tokens to the feature weighting as well.
         use_fm: encoder blocks whose outputs are weighted (negative counts from the end);
             None = all. A lone -1 here is the last block; the official `--use_fm -1` (all blocks) reaches
-            this argument as None through `pretrain.config.model_use_fm`.
+            this argument as None through `pretrain.models.model_use_fm`.
         decoder_self_attn: self-attention among the queries in every decoder block.
     """
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from ..pos_embed import get_2d_sincos_pos_embed
+from .pos_embed import get_2d_sincos_pos_embed
 
 # ViT / MAE LayerNorm
 norm_layer = partial(nn.LayerNorm, eps=1e-6)

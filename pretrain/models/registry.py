@@ -153,3 +153,26 @@ def crossmae_vit_large_patch16(**overrides: Any) -> CrossMAE:
 def crossmae_vit_huge_patch14(**overrides: Any) -> CrossMAE:
     """CrossMAE, ViT-H/14 encoder, 512-wide 12-block decoder."""
     return _build(CrossMAE, "huge", overrides)
+
+
+def create_model(cfg: dict[str, Any]) -> nn.Module:
+    """Build the registered model a pretraining config (`pretrain.training.config`) names, with its masking
+    settings: `model`, `input_size`, `norm_pix_loss`, `mask_ratio`, `decoder_depth`, `model_kwargs`, and for
+    CrossMAE `use_fm` and `prediction_ratio`."""
+    overrides: dict[str, Any] = {**cfg.get("model_kwargs", {}), "img_size": cfg["input_size"],
+                                 "norm_pix_loss": cfg["norm_pix_loss"], "mask_ratio": cfg["mask_ratio"]}
+    if cfg["decoder_depth"] is not None:
+        overrides["decoder_depth"] = cfg["decoder_depth"]
+    crossmae = model_info(cfg["model"]).family == "crossmae"
+    if crossmae and cfg.get("use_fm") is not None:
+        overrides["use_fm"] = model_use_fm(cfg["use_fm"])
+    model = build_model(cfg["model"], **overrides)
+    if crossmae:
+        model.prediction_ratio = cfg["prediction_ratio"]
+    return model
+
+
+def model_use_fm(use_fm: list[int]) -> list[int] | None:
+    """The official `--use_fm` as `CrossMAE(use_fm=...)`: the official code reads a lone -1 as every block
+    (`models_cross.py`), where the model's argument would read it as the last block; None means every block."""
+    return None if list(use_fm) == [-1] else list(use_fm)

@@ -21,13 +21,13 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ..data.images import image_source, mask_noise  # noqa: E402
+from ..distributed import resolve_device  # noqa: E402
+from ..errors import ConfigError, DataError  # noqa: E402
+from ..models import CrossMAE  # noqa: E402
+from ..weights.loading import load_pretrain_model  # noqa: E402
 from .attention import AttentionMass, attention_mass_rows, feature_weights, mae_attention_mass  # noqa: E402
-from .data import image_source, mask_noise  # noqa: E402
-from .distributed import resolve_device  # noqa: E402
-from .errors import ConfigError, DataError  # noqa: E402
-from .models import CrossMAE  # noqa: E402
-from .visualize import reconstruction_panels, save_figure, save_reconstruction_grid  # noqa: E402
-from .weights import load_pretrain_model  # noqa: E402
+from .figures import reconstruction_panels, save_figure, save_reconstruction_grid  # noqa: E402
 
 
 def _positive(name: str, value: int) -> None:
@@ -43,7 +43,7 @@ def reconstruction_grids(checkpoint: str | Path, images: Sequence[str] = (), bui
     """Write reconstruction grids of `checkpoint` on image files/folders (or built-in images) to `output`.
 
     Also writes `images.tsv` (grid, row, image) and prints one line per unreadable image. See
-    `pretrain.weights.load_pretrain_model` for the model arguments.
+    `pretrain.weights.loading.load_pretrain_model` for the model arguments.
 
     Returns:
         The PNG paths, one per batch of `batch_size` readable images.

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention
 
-from .models import MAE, CrossMAE
-from .models.encoder import shuffle_from_noise
+from ..models import MAE, CrossMAE
+from ..models.encoder import shuffle_from_noise
 
 KEY_GROUPS = ("cls", "visible_patches", "mask")  # decoder key tokens, in the order of the group ids
 CLS, VISIBLE, MASK = range(3)

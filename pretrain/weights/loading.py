@@ -1,20 +1,19 @@
-"""What a weights file holds, and how to turn it into an encoder or a model: the one route every tool takes.
+"""What a weights file holds, and how it becomes an encoder or a model: the one route every tool takes.
 
-- `read_weights(path_or_name)`: a weights file, or a released-weights name (`pretrain.releases`), read safely
-  (`pretrain.checkpoint.read_checkpoint`) and imported into this project's keys from whatever layout it has
-  (`pretrain.formats`: official MAE / CrossMAE / timm, transformers, mmpretrain, detectron2).
+- `read_weights(path_or_name)`: a weights file, or a released-weights name (`pretrain.weights.releases`), read
+  safely (`pretrain.files.read_checkpoint`) and imported into this project's keys from whatever layout it has
+  (`pretrain.weights.formats`: official MAE / CrossMAE / timm, transformers, mmpretrain, detectron2).
 - `state_dict_of(checkpoint)`: the same import for an already loaded checkpoint.
 - `model_family(state_dict)`: "mae" or "crossmae" from the key names, or a one-line error naming what the
   file is instead.
-- `encoder_state_dict(state_dict)`: the ViT encoder under timm's names, as a pure state-dict filter (timm's
-  `checkpoint_filter_fn` habit); the detectron2 conversion and the encoder export both start from it.
 - `infer_architecture` / `load_pretrain_model`: rebuild an MAE / CrossMAE model from its weights alone
   (released checkpoints) or from the config this project stores in its own; `load_encoder` also takes
-  encoder-only files. Each returns a `pretrain.formats.LoadReport` of what was loaded and dropped.
+  encoder-only files; `load_encoder_into` puts a file's encoder into a model being trained (`--init_from`);
+  each returns a `pretrain.weights.formats.LoadReport` of what was loaded and dropped.
+- `export_encoder`: a file's encoder alone, in the layout of MAE's released encoders.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,16 +22,16 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_model_weights, read_checkpoint, save_atomic
-from .config import create_model
-from .errors import CheckpointError
-from .formats import ENCODER_KEY, LoadReport, family_of, grouped, import_state_dict
-from .models import VIT_SIZES, CrossMAE, build_model, list_models, model_info, size_of_width
-from .models.encoder import MaskedViTEncoder
+from ..errors import CheckpointError
+from ..files import read_checkpoint, save_atomic
+from ..models import VIT_SIZES, CrossMAE, build_model, create_model, list_models, model_info, size_of_width
+from ..models.encoder import MaskedViTEncoder
+from .fit import encoder_shape, encoder_state_dict, fit_encoder, load_model_weights, pos_embed_grid
+from .formats import LoadReport, family_of, grouped, import_state_dict, is_detectron2
 from .releases import release_of, resolve_weights
 
-__all__ = ["Weights", "read_weights", "state_dict_of", "model_family", "encoder_state_dict", "encoder_shape",
-           "infer_architecture", "load_pretrain_model", "load_encoder", "export_encoder", "ENCODER_KEY"]
+__all__ = ["Weights", "read_weights", "state_dict_of", "model_family", "infer_architecture", "load_pretrain_model",
+           "load_encoder", "load_encoder_into", "export_encoder"]
 
 _DECODER_HEAD_DIM = 32  # every released MAE / CrossMAE decoder: 512 / 16, 256 / 8 (and ours 128 / 4)
 
@@ -42,7 +41,7 @@ class Weights(NamedTuple):
 
     Attributes:
         state_dict: its tensors in this project's keys.
-        layout: the `pretrain.formats.LAYOUTS` name it was written in.
+        layout: the `pretrain.weights.formats.LAYOUTS` name it was written in.
         checkpoint: the loaded file as it is (for `epoch`, `config`, `meta`).
         path: the file read (the cached download, for a release name).
         source: what the user gave (path or name), for messages.
@@ -72,12 +71,25 @@ def state_dict_of(checkpoint: Any, source: str = "checkpoint") -> dict[str, torc
     """The model state dict of a loaded checkpoint in this project's keys, whatever layout it was written in.
 
     Its "model" (or "state_dict") entry if present, else the mapping itself; non-tensor entries dropped,
-    "module." / "_orig_mod." prefixes stripped; then `pretrain.formats.import_state_dict`.
+    "module." / "_orig_mod." prefixes stripped; then `pretrain.weights.formats.import_state_dict`.
 
     Raises:
         CheckpointError: `checkpoint` is no mapping, or holds no tensors.
     """
     return import_state_dict(checkpoint, source)[0]
+
+
+def _grid_with_cls_slot(pos_embed: torch.Tensor, source: str | Path) -> int:
+    """The grid side of a (1, 1 + S*S, D) position embedding (this project's models carry the cls slot).
+
+    Raises:
+        CheckpointError: the slots are no square grid, or it has no cls slot.
+    """
+    prefix, grid = pos_embed_grid(pos_embed)
+    if prefix != 1:
+        raise CheckpointError(f"{source} has a pos_embed of {pos_embed.shape[1]} slots, not 1 + S*S (cls + a square "
+                              "grid); this loader needs the cls slot")
+    return grid
 
 
 def _refuse_detectron2(weights: Weights, what: str) -> None:
@@ -100,7 +112,7 @@ def model_family(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoi
             or has a decoder of neither kind; the message says which.
     """
     keys = list(state_dict)
-    if any(k.startswith(("backbone.", "roi_heads.", "proposal_generator.")) for k in keys):
+    if is_detectron2(state_dict):
         raise CheckpointError(f"{source} is a detectron2 (detection) checkpoint; give a pretraining checkpoint "
                               "(output/pretrain/checkpoint-*.pth or a released MAE / CrossMAE one)")
     if not any(k.startswith("blocks.") for k in keys) or "patch_embed.proj.weight" not in state_dict:
@@ -115,36 +127,6 @@ def model_family(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoi
                               "(e.g. MAE's mae_visualize_vit_large.pth)")
     raise CheckpointError(f"{source} has a decoder that is neither MAE's nor CrossMAE's (no decoder_embed, wfm or "
                           "cross_attn keys)")
-
-
-def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Split a ViT state dict (timm / MAE / CrossMAE names) into its encoder and the rest.
-
-    The encoder is `cls_token`, `pos_embed`, `patch_embed.*`, `blocks.{i}.*` and the final `norm.*` (MAE's;
-    CrossMAE has none); everything else (decoder, `mask_token`, heads, `fc_norm`) is dropped.
-
-    Returns:
-        (encoder, dropped): the kept tensors under their own names, and the sorted names of the others.
-    """
-    kept = {k: v for k, v in state_dict.items() if ENCODER_KEY.match(k)}
-    return kept, sorted(k for k in state_dict if k not in kept)
-
-
-def encoder_shape(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Embed dim, depth and patch size of the ViT encoder in `state_dict` (timm / MAE names).
-
-    Raises:
-        CheckpointError: no `patch_embed.proj.weight`, i.e. no ViT encoder, or blocks not numbered 0..n-1.
-    """
-    if "patch_embed.proj.weight" not in state_dict:
-        raise CheckpointError("checkpoint has no 'patch_embed.proj.weight': not a ViT encoder with timm/MAE key "
-                              "names")
-    weight = state_dict["patch_embed.proj.weight"]  # (embed_dim, in_chans, patch, patch)
-    ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if ids != set(range(len(ids))):
-        raise CheckpointError(f"checkpoint blocks are not numbered 0..n-1 (found {sorted(ids)}); it is not a "
-                              "plain ViT")
-    return {"embed_dim": weight.shape[0], "depth": len(ids), "patch_size": weight.shape[-1]}
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
@@ -172,11 +154,7 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "ch
     dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     if "pos_embed" not in state_dict:
         raise CheckpointError(f"{source} has no pos_embed; cannot tell the image size")
-    num_patches = state_dict["pos_embed"].shape[1] - 1
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise CheckpointError(f"{source} has {num_patches} patch positions, not a square grid; cannot tell the "
-                              "image size")
+    grid = _grid_with_cls_slot(state_dict["pos_embed"], source)
     depth = _max_index(state_dict, "blocks.")
     overrides: dict[str, Any] = dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim,
                                      depth=depth, mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim)
@@ -188,15 +166,7 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "ch
                               "cannot tell its head count; use a checkpoint saved with its config")
     overrides["decoder_num_heads"] = decoder_dim // _DECODER_HEAD_DIM
     if family == "crossmae":
-        if "wfm.linear.weight" not in state_dict:
-            raise CheckpointError(f"{source} is a CrossMAE run without feature weighting (no wfm.*); this "
-                                  "project's CrossMAE needs --weight_fm checkpoints")
-        k = state_dict["wfm.linear.weight"].shape[1]
-        if k not in (depth, depth + 1):
-            raise CheckpointError(f"{source} weights {k} feature maps of a {depth}-block encoder; cannot tell which "
-                                  "blocks (use_fm); use a checkpoint saved with its config")
-        overrides["use_input"] = k == depth + 1
-        overrides["decoder_self_attn"] = any(k.startswith("decoder_blocks.0.self_attn.") for k in state_dict)
+        overrides.update(_crossmae_decoder(state_dict, source, depth))
 
     if model_name is not None:
         try:
@@ -216,13 +186,26 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "ch
     return (exact or candidates)[0], overrides
 
 
+def _crossmae_decoder(state_dict: Mapping[str, torch.Tensor], source: str, depth: int) -> dict[str, bool]:
+    """CrossMAE's `use_input` and `decoder_self_attn`, read from its feature-map weights and key names."""
+    if "wfm.linear.weight" not in state_dict:
+        raise CheckpointError(f"{source} is a CrossMAE run without feature weighting (no wfm.*); this "
+                              "project's CrossMAE needs --weight_fm checkpoints")
+    k = state_dict["wfm.linear.weight"].shape[1]
+    if k not in (depth, depth + 1):
+        raise CheckpointError(f"{source} weights {k} feature maps of a {depth}-block encoder; cannot tell which "
+                              "blocks (use_fm); use a checkpoint saved with its config")
+    return {"use_input": k == depth + 1,
+            "decoder_self_attn": any(k.startswith("decoder_blocks.0.self_attn.") for k in state_dict)}
+
+
 def load_pretrain_model(path: str | Path, model_name: str | None = None, mask_ratio: float | None = None,
                         prediction_ratio: float | None = None, norm_pix_loss: bool | None = None,
                         trust_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Any MAE / CrossMAE pretraining checkpoint (a file in any layout of `pretrain.formats`, or a release name)
+    """Any MAE / CrossMAE pretraining checkpoint (a file in any layout of `pretrain.weights.formats`, or a release name)
     as a model in eval mode, on CPU.
 
-    Ours carry `config` and are rebuilt with `pretrain.config.create_model`; released ones
+    Ours carry `config` and are rebuilt with `pretrain.models.create_model`; released ones
     (`{"model": state_dict}`, transformers, mmpretrain) through `infer_architecture`. Every tensor must fit.
 
     Args:
@@ -324,7 +307,7 @@ def load_encoder(path: str | Path, model_name: str | None = None,
     """The ViT encoder of any weights file the project reads, in eval mode on CPU: a pretraining checkpoint
     (ours or released, the whole model, whose `forward_features` is the encoder's) or an encoder-only file
     (`tools/export_encoder.py` output, MAE's `mae_pretrain_vit_*.pth`, a timm or transformers ViT, a fine-tuned
-    CrossMAE), in any layout of `pretrain.formats`, or a release name.
+    CrossMAE), in any layout of `pretrain.weights.formats`, or a release name.
 
     Returns:
         (encoder, info) where info has "name" (registered model or "encoder"), "family" (None for encoder-only
@@ -346,11 +329,7 @@ def load_encoder(path: str | Path, model_name: str | None = None,
     shape = encoder_shape(encoder)
     if "pos_embed" not in encoder:
         raise CheckpointError(f"{path} has no pos_embed; cannot tell the encoder's input size")
-    slots = encoder["pos_embed"].shape[1]
-    grid = math.isqrt(slots - 1)
-    if grid * grid != slots - 1:
-        raise CheckpointError(f"{path} has a pos_embed of {slots} slots, not 1 + S*S (cls + a square grid); "
-                              "this loader needs the cls slot")
+    grid = _grid_with_cls_slot(encoder["pos_embed"], path)
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     config = ckpt.get("config") or meta.get("config")  # ours; exports keep it under meta
@@ -376,3 +355,33 @@ def load_encoder(path: str | Path, model_name: str | None = None,
                         dropped=grouped(k for k in sd if k not in encoder))
     epoch = ckpt.get("epoch", meta.get("epoch"))
     return model.eval(), {"name": "encoder", "family": None, "epoch": epoch, "kept": len(encoder), "report": report}
+
+
+def load_encoder_into(model: nn.Module, path: str | Path) -> LoadReport:
+    """Replace the fresh encoder of `model` with the encoder tensors of a weights file (any layout of
+    `pretrain.weights.formats`, or a released-weights name) at `path`.
+
+    Only encoder keys are taken (`encoder_state_dict`); every encoder tensor of `model` must be in the file with the
+    same shape, except that the position embedding is resampled to the model's patch grid and a smaller patch
+    kernel to the model's patch (`fit_encoder`). Used so that two methods start from the very same encoder, or a
+    run from released weights.
+
+    Returns:
+        The `LoadReport` (its `loaded` are the replaced tensors).
+
+    Raises:
+        CheckpointError: the file lacks some of the model's encoder tensors, or has them in other shapes.
+    """
+    own = model.state_dict()
+    wanted, _ = encoder_state_dict(own)
+    weights = read_weights(path)
+    given, _ = encoder_state_dict(weights.state_dict)
+    given, resized = fit_encoder(given, patch_size=own["patch_embed.proj.weight"].shape[-1],
+                                 grid=pos_embed_grid(own["pos_embed"])[1])
+    missing = sorted(set(wanted) - set(given))
+    if missing:
+        raise CheckpointError(f"--init_from {path} lacks encoder tensors {missing[:6]}; give a checkpoint of the same "
+                              "encoder")
+    load_model_weights(model, {k: given[k] for k in wanted}, strict=False, source=str(path))
+    return LoadReport(str(path), weights.layout, loaded=sorted(wanted),
+                      dropped=grouped(k for k in weights.state_dict if k not in wanted), resized=resized)

@@ -20,14 +20,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from .checkpoint import LAST, load_checkpoint, load_model_weights, make_checkpoint, resolve_resume, save_atomic
-from .config import create_model, resolve_lr
-from .data import BuiltinImages, RobustImages, build_dataset, eval_transform
-from .distributed import cleanup, init_distributed, resolve_device
+from ..analysis.figures import reconstruction_panels, save_reconstruction_grid
+from ..data.images import BuiltinImages, RobustImages, build_dataset, eval_transform
+from ..distributed import cleanup, init_distributed, resolve_device
+from ..errors import CheckpointError, ConfigError, DataError, UserError
+from ..files import save_atomic, write_text_atomic
+from ..models import create_model
+from ..weights.fit import load_model_weights
+from ..weights.loading import load_encoder_into
+from .checkpoint import LAST, load_checkpoint, make_checkpoint, resolve_resume
+from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
-from .errors import CheckpointError, ConfigError, DataError, UserError
 from .optim import build_optimizer, fused_by_default
-from .visualize import reconstruction_panels, save_reconstruction_grid
 
 logger = logging.getLogger("pretrain")
 N_VIS = 4  # images in each reconstruction grid
@@ -50,42 +54,6 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
-
-
-def start_from_encoder(model: torch.nn.Module, path: str | Path) -> list[str]:
-    """Replace the fresh encoder of `model` with the encoder tensors of a weights file (any layout of
-    `pretrain.formats`, or a released-weights name) at `path`.
-
-    Only encoder keys are taken (`pretrain.weights.encoder_state_dict`); every encoder tensor of `model` must be
-    in the file with the same shape, except that the position embedding is resampled to the model's patch grid
-    and a smaller patch kernel to the model's patch (`pretrain.formats.fit_encoder`). Used so that two methods
-    start from the very same encoder, or a run from released weights.
-
-    Returns:
-        The names of the replaced tensors.
-
-    Raises:
-        CheckpointError: the file lacks some of the model's encoder tensors, or has them in other shapes.
-    """
-    from .formats import LoadReport, fit_encoder, grouped, pos_embed_grid
-    from .weights import encoder_state_dict, read_weights
-
-    own = model.state_dict()
-    wanted, _ = encoder_state_dict(own)
-    weights = read_weights(path)
-    given, _ = encoder_state_dict(weights.state_dict)
-    given, resized = fit_encoder(given, patch_size=own["patch_embed.proj.weight"].shape[-1],
-                                 grid=pos_embed_grid(own["pos_embed"])[1])
-    missing = sorted(set(wanted) - set(given))
-    if missing:
-        raise CheckpointError(f"--init_from {path} lacks encoder tensors {missing[:6]}; give a checkpoint of the same "
-                              "encoder")
-    load_model_weights(model, {k: given[k] for k in wanted}, strict=False, source=str(path))
-    report = LoadReport(str(path), weights.layout, loaded=sorted(wanted),
-                        dropped=grouped(k for k in weights.state_dict if k not in wanted), resized=resized)
-    for line in report.lines():
-        logger.info("init_from %s", line.strip())
-    return sorted(wanted)
 
 
 def save_snapshot(model: torch.nn.Module, out: Path, step: int, epoch: int, config: dict[str, Any]) -> Path:
@@ -165,12 +133,9 @@ def _check_resumable(ckpt: dict, path: Path, cfg: dict[str, Any]) -> None:
 
 def _trim_log(out: Path, start_epoch: int) -> None:
     """Keep only log lines of epochs before `start_epoch`: an epoch redone after a kill is logged once."""
-    log = out / "log.txt"
-    if log.is_file():
-        lines = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] < start_epoch]
-        tmp = out / ".log.txt.tmp"
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, log)
+    if (out / "log.txt").is_file():
+        kept = [r for r in read_log(out) if r["epoch"] < start_epoch]
+        write_text_atomic(out / "log.txt", "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _finite(model: torch.nn.Module) -> bool:
@@ -185,13 +150,18 @@ def _save(obj: Any, path: Path) -> None:
                               "--resume auto (the previous checkpoint is intact)") from None
 
 
-def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path) -> dict[str, Any]:
-    main = rank == 0
-    resume = resolve_resume(cfg["resume"], out)
-    if main:
-        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"])
-    dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
-                            cache_images=cfg["cache_images"])
+def read_log(out: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run's `log.txt` (one JSON object a line: `epoch`, `train_loss`, ...), in order."""
+    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+
+
+def _loader(cfg: dict[str, Any], dataset, device: torch.device, rank: int, world: int) -> tuple[DataLoader, int]:
+    """The training loader (a distributed sampler, whole batches) and its optimizer steps per epoch.
+
+    Raises:
+        DataError: fewer images than one batch.
+        ConfigError: an accumulation longer than an epoch, whose optimizer would never step.
+    """
     per_epoch = len(dataset) // (cfg["batch_size"] * world)
     if per_epoch < 1:
         raise DataError(f"{len(dataset)} images are fewer than one batch ({cfg['batch_size']} x {world} "
@@ -204,11 +174,90 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True)
+    return loader, steps_per_epoch
+
+
+def _resume(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            cfg: dict[str, Any]) -> int:
+    """Load a resume checkpoint into the model, optimizer and scaler; returns the epoch to start at."""
+    ckpt = load_checkpoint(resume)
+    _check_resumable(ckpt, resume, cfg)
+    load_model_weights(model, ckpt["model"], source=str(resume))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt.get("scaler", {}))
+    return int(ckpt["epoch"]) + 1
+
+
+def _start_records(cfg: dict[str, Any], resolved: dict[str, Any], out: Path, start_epoch: int, model, dataset,
+                   device: torch.device) -> tuple[SummaryWriter, tuple[torch.Tensor, torch.Tensor]]:
+    """The main process's records of a run: config.yaml, the TensorBoard writer, the fixed images and masks of the
+    reconstruction grids, the step-0 snapshot of a new run."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    # purge_step drops events of an epoch redone after a kill (TensorBoard steps are 1/1000 epochs)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * 1000 if start_epoch else None)
+    imgs = _vis_images(cfg, dataset, device)
+    n_patches = model.patchify(imgs[:1]).shape[1]
+    vis = (imgs, torch.rand(N_VIS, n_patches, generator=torch.Generator().manual_seed(cfg["seed"])).to(device))
+    if cfg["snapshot_every"] and start_epoch == 0:
+        save_snapshot(model, out, 0, -1, resolved)  # the step-0 weights, the control of every comparison
+    return writer, vis
+
+
+def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str, Any], out: Path, model, optimizer,
+                  scaler, steps_per_epoch: int, writer: SummaryWriter, vis: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The main process's record of a finished epoch: numbered checkpoint, snapshot, reconstruction grid, log line,
+    TensorBoard scalars, and last `checkpoint-last.pth`, which marks the epoch done."""
+    epoch = stats["epoch"]
+    ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved)
+    if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
+        _save(ckpt, out / f"checkpoint-{epoch}.pth")
+    if cfg["snapshot_every"] and ((epoch + 1) % cfg["snapshot_every"] == 0 or epoch + 1 == cfg["epochs"]):
+        save_snapshot(model, out, (epoch + 1) * steps_per_epoch, epoch, resolved)
+    if (epoch + 1) % cfg["vis_every"] == 0 or epoch + 1 == cfg["epochs"]:
+        model.eval()
+        panels = reconstruction_panels(model, *vis)
+        save_reconstruction_grid(panels, out / "recon" / f"epoch_{epoch:04d}.png", title=f"{cfg['model']} epoch {epoch}")
+    with open(out / "log.txt", "a") as f:
+        f.write(json.dumps({f"train_{k}": v for k, v in stats.items() if k != "epoch"} | {"epoch": epoch}) + "\n")
+    writer.add_scalar("epoch/loss", stats["loss"], (epoch + 1) * 1000)
+    writer.add_scalar("epoch/images_per_s", stats["images_per_s"], (epoch + 1) * 1000)
+    writer.flush()
+    _save(ckpt, out / LAST)
+
+
+def _train_epoch(model, ddp_model, loader, optimizer, scaler, device: torch.device, epoch: int, cfg: dict[str, Any],
+                 peak_lr: float, writer: SummaryWriter | None, spike: SpikeGuard, out: Path) -> dict[str, Any]:
+    """One epoch, with divergence and Ctrl-C turned into one-line errors that name the kept checkpoint."""
+    last = out / LAST
+    kept = (f"the kept checkpoint {last} is from epoch {epoch - 1}" if last.exists()
+            else "no checkpoint was written yet")
+    try:
+        stats = train_one_epoch(ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike)
+    except NonFiniteLossError as e:
+        raise TrainingDiverged(f"{e}; stopping before saving it: {kept}; lower --blr or check the data") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted in epoch {epoch}: {kept}; continue with --resume auto") from None
+    if not _finite(model):
+        raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; stopping before saving them: {kept}")
+    return {"epoch": epoch, **stats}
+
+
+def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path) -> dict[str, Any]:
+    """The run in one process: set-up, resume, then epoch after epoch; one linear sequence, read whole."""
+    main = rank == 0
+    resume = resolve_resume(cfg["resume"], out)
+    if main:
+        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"])
+    dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
+                            cache_images=cfg["cache_images"])
+    loader, steps_per_epoch = _loader(cfg, dataset, device, rank, world)
 
     seed_epoch(cfg["seed"], -1, 0)  # same initial weights on every process
     model = create_model(cfg)
     if cfg["init_from"]:
-        start_from_encoder(model, cfg["init_from"])
+        for line in load_encoder_into(model, cfg["init_from"]).lines():
+            logger.info("init_from %s", line.strip())
     model.to(device)
     peak_lr = resolve_lr(cfg, world)
     resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world,
@@ -216,79 +265,35 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     optimizer = build_optimizer(model, peak_lr, cfg["weight_decay"], fused=fused_by_default(device))
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the format
 
-    start_epoch = 0
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        _check_resumable(ckpt, resume, cfg)
-        load_model_weights(model, ckpt["model"], source=str(resume))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
-        start_epoch = int(ckpt["epoch"]) + 1
-        if start_epoch >= cfg["epochs"]:
-            logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
-                           "train further", resume, start_epoch - 1, cfg["epochs"])
-            return {"epochs": [], "output_dir": str(out), "complete": True}
-        if main:
-            logger.info("resumed from %s at epoch %d", resume, start_epoch)
+    start_epoch = 0 if resume is None else _resume(resume, model, optimizer, scaler, cfg)
+    if start_epoch >= cfg["epochs"]:
+        logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
+                       "train further", resume, start_epoch - 1, cfg["epochs"])
+        return {"epochs": [], "output_dir": str(out), "complete": True}
+    if main and resume is not None:
+        logger.info("resumed from %s at epoch %d", resume, start_epoch)
     if main:
         _trim_log(out, start_epoch)
 
     ddp_model = DistributedDataParallel(model) if world > 1 else model
-    writer = None
-    vis = None
+    writer, vis = None, None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        # purge_step drops events of an epoch redone after a kill (TensorBoard steps are 1/1000 epochs)
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * 1000 if start_epoch else None)
-        imgs = _vis_images(cfg, dataset, device)
-        n_patches = model.patchify(imgs[:1]).shape[1]
-        vis = (imgs, torch.rand(N_VIS, n_patches, generator=torch.Generator().manual_seed(cfg["seed"])).to(device))
+        writer, vis = _start_records(cfg, resolved, out, start_epoch, model, dataset, device)
         logger.info("%s on %s, %d process(es): %d images, %d iterations/epoch, lr %.3g (blr %.3g), effective batch %d",
-                    cfg["model"], device, world, len(dataset), per_epoch, peak_lr, cfg["blr"],
+                    cfg["model"], device, world, len(dataset), len(dataset) // (cfg["batch_size"] * world), peak_lr,
+                    cfg["blr"],
                     resolved["effective_batch_size"])
-
-    if main and cfg["snapshot_every"] and start_epoch == 0:
-        save_snapshot(model, out, 0, -1, resolved)  # the step-0 weights, the control of every comparison
     history = []
     spike = SpikeGuard(cfg["loss_spike_factor"])
     for epoch in range(start_epoch, cfg["epochs"]):
         seed_epoch(cfg["seed"], epoch, rank)
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         t0 = time.time()
-
-        def kept() -> str:
-            last = out / LAST
-            return (f"the kept checkpoint {last} is from epoch {epoch - 1}" if last.exists()
-                    else "no checkpoint was written yet")
-
-        try:
-            stats = train_one_epoch(ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike)
-        except NonFiniteLossError as e:
-            raise TrainingDiverged(f"{e}; stopping before saving it: {kept()}; lower --blr or check the data") from None
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted in epoch {epoch}: {kept()}; continue with --resume auto") from None
-        if not _finite(model):
-            raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; stopping before saving them: {kept()}")
-        stats = {"epoch": epoch, **stats}
+        stats = _train_epoch(model, ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike,
+                             out)
         history.append(stats)
         if main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
-            ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved)
-            if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
-                _save(ckpt, out / f"checkpoint-{epoch}.pth")
-            if cfg["snapshot_every"] and ((epoch + 1) % cfg["snapshot_every"] == 0 or epoch + 1 == cfg["epochs"]):
-                save_snapshot(model, out, (epoch + 1) * steps_per_epoch, epoch, resolved)
-            if (epoch + 1) % cfg["vis_every"] == 0 or epoch + 1 == cfg["epochs"]:
-                model.eval()
-                panels = reconstruction_panels(model, *vis)
-                save_reconstruction_grid(panels, out / "recon" / f"epoch_{epoch:04d}.png",
-                                         title=f"{cfg['model']} epoch {epoch}")
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps({f"train_{k}": v for k, v in stats.items() if k != "epoch"} | {"epoch": epoch}) + "\n")
-            writer.add_scalar("epoch/loss", stats["loss"], (epoch + 1) * 1000)
-            writer.add_scalar("epoch/images_per_s", stats["images_per_s"], (epoch + 1) * 1000)
-            writer.flush()
-            _save(ckpt, out / LAST)
+            _record_epoch(stats, cfg, resolved, out, model, optimizer, scaler, steps_per_epoch, writer, vis)
             logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", epoch, stats["loss"], stats["lr"],
                         stats["images_per_s"], time.time() - t0,
                         f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")

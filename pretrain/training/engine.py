@@ -10,7 +10,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .distributed import all_reduce_mean, is_main_process
+from ..distributed import all_reduce_mean, is_main_process
+from .schedule import lr_at, set_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,24 +44,6 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def lr_at(epoch_float: float, cfg: dict[str, Any], peak_lr: float) -> float:
-    """Linear warmup to `peak_lr`, then half-cycle cosine to `min_lr` (MAE's schedule).
-
-    Args:
-        epoch_float: epochs done so far, fractional (epoch + iteration / iterations_per_epoch).
-    """
-    warmup, total, min_lr = cfg["warmup_epochs"], cfg["epochs"], cfg["min_lr"]
-    if epoch_float < warmup:
-        return peak_lr * epoch_float / warmup
-    progress = (epoch_float - warmup) / max(total - warmup, 1e-8)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 def optimizer_steps_per_epoch(n_iter: int, accum_iter: int, step_partial_accum: bool) -> int:
     """Optimizer steps in an epoch of `n_iter` iterations accumulated in groups of `accum_iter`.
 
@@ -68,6 +51,30 @@ def optimizer_steps_per_epoch(n_iter: int, accum_iter: int, step_partial_accum: 
     is dropped (its gradients are cleared at the next epoch's start); `step_partial_accum` steps on it too.
     """
     return -(-n_iter // accum_iter) if step_partial_accum else n_iter // accum_iter
+
+
+def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.amp.GradScaler, device: torch.device,
+                      accum: int, boundary: bool, dropped: bool, spike: SpikeGuard, where: str) -> float:
+    """One iteration's loss, and its gradient (divided by `accum`) unless its accumulation group is `dropped`.
+
+    Raises:
+        NonFiniteLossError: the loss is not finite, or a spike (`where` says at which epoch and iteration).
+    """
+    # skip the DDP gradient all-reduce on accumulation steps that do not step the optimizer
+    sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+    # a dropped group's gradients would be discarded: its losses are computed without them
+    with sync, torch.no_grad() if dropped else nullcontext():
+        with autocast(device):
+            loss = model(imgs).loss
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss is {loss_value} at {where}")
+        jump = spike(loss_value)
+        if jump:
+            raise NonFiniteLossError(f"{jump} at {where}")
+        if not dropped:
+            scaler.scale(loss / accum).backward()
+    return loss_value
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
@@ -104,21 +111,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             set_lr(optimizer, lr)
         imgs = imgs.to(device, non_blocking=True)
         boundary = (it + 1) % accum == 0 or it + 1 == last_step_end
-        dropped = it >= last_step_end
-        # skip the DDP gradient all-reduce on accumulation steps that do not step the optimizer
-        sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        # a dropped group's gradients would be discarded: its losses are computed without them
-        with sync, torch.no_grad() if dropped else nullcontext():
-            with autocast(device):
-                loss = model(imgs).loss
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, iteration {it}")
-            jump = spike(loss_value)
-            if jump:
-                raise NonFiniteLossError(f"{jump} at epoch {epoch}, iteration {it}")
-            if not dropped:
-                scaler.scale(loss / accum).backward()
+        loss_value = _forward_backward(model, imgs, scaler, device, accum, boundary, it >= last_step_end, spike,
+                                       f"epoch {epoch}, iteration {it}")
         if boundary:
             scaler.step(optimizer)
             scaler.update()

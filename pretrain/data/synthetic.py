@@ -1,6 +1,6 @@
 """The one procedural image renderer: textured shapes with polygon outlines on textured backgrounds.
 
-Pretraining's built-in images (`pretrain.data.BuiltinImages`) and detection's built-in COCO-format
+Pretraining's built-in images (`pretrain.data.images.BuiltinImages`) and detection's built-in COCO-format
 shapes set (`detection.datasets`) both draw from `render_shapes_image`, each from its own random
 stream, so the two never share an image unless asked to.
 """

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 _GREY = 0.5  # fill for patches that are neither visible nor predicted
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")

@@ -18,11 +18,10 @@ This project's keys are those of the official MAE and CrossMAE code, which are t
 
 Keys a converter does not know pass through under their own names, so a strict load names them exactly.
 `group_of` tells what a key that a target does not take is (decoder, mask_token, norm, head, ...), for the
-report every load prints; `resize_pos_embed` / `resize_patch_embed` fit a grid or patch size (timm's resampling).
+report every load prints. Fitting an encoder to a target's grid or patch size is `pretrain.weights.fit`.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -31,11 +30,11 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["ENCODER_KEY", "LAYOUTS", "Layout", "LoadReport", "checkpoint_tensors", "detect_layout", "family_of",
-           "fit_encoder", "from_detectron2", "from_mmpretrain", "from_official", "from_transformers", "group_of",
-           "grouped", "import_state_dict", "pos_embed_grid", "resize_patch_embed", "resize_pos_embed", "summarize"]
+           "from_detectron2", "from_mmpretrain", "from_official", "from_transformers", "group_of", "grouped",
+           "import_state_dict", "is_detectron2", "summarize"]
 
 # timm's VisionTransformer names for the encoder (MAE's and CrossMAE's are the same)
 ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|norm\.(weight|bias))$")
@@ -193,6 +192,16 @@ def from_mmpretrain(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------- detectron2
 
+# ViTDet's ViT, pyramid and heads; after `from_detectron2` the pyramid and heads keep their names, so the same test
+# tells a file before and after import (mmpretrain's `backbone.layers.` is no detectron2 key)
+_DETECTRON2_PREFIXES = ("backbone.net.", "backbone.simfp_", "roi_heads.", "proposal_generator.")
+
+
+def is_detectron2(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict, as read or imported into our keys, is a detectron2 model's (a ViTDet checkpoint)."""
+    return any(k.startswith(_DETECTRON2_PREFIXES) for k in sd)
+
+
 def from_detectron2(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A ViTDet checkpoint's `backbone.net.*` is the ViT under timm names (no cls token, no final norm, plus
     `rel_pos_*` tables); the pyramid and heads keep their detectron2 names."""
@@ -212,9 +221,7 @@ class Layout:
 
 
 LAYOUTS: tuple[Layout, ...] = (
-    Layout("detectron2", "detectron2 ViTDet checkpoint",
-           lambda sd: any(k.startswith(("backbone.net.", "roi_heads.", "proposal_generator.")) for k in sd),
-           from_detectron2),
+    Layout("detectron2", "detectron2 ViTDet checkpoint", is_detectron2, from_detectron2),
     Layout("mmpretrain", "mmpretrain MAE (backbone / neck)",
            lambda sd: any(re.match(r"backbone\.(layers\.\d+\.|patch_embed\.projection\.)", k) for k in sd),
            from_mmpretrain),
@@ -314,77 +321,3 @@ class LoadReport:
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "layout": self.layout, "loaded": len(self.loaded), "dropped": self.dropped,
                 "missing": self.missing, "resized": self.resized}
-
-
-# --------------------------------------------------------------------------------------------------- resampling
-
-def pos_embed_grid(pos_embed: torch.Tensor) -> tuple[int, int]:
-    """(cls slots, grid side) of a (1, [1 +] S*S, D) position embedding.
-
-    Raises:
-        CheckpointError: the token count is neither S*S nor 1 + S*S.
-    """
-    n = pos_embed.shape[1]
-    for prefix in (1, 0):  # MAE's carry the cls slot
-        side = math.isqrt(n - prefix)
-        if side * side == n - prefix and side > 0:
-            return prefix, side
-    raise CheckpointError(f"pos_embed has {n} slots, neither S*S nor 1+S*S; cannot map it onto a square patch grid")
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, side: int) -> torch.Tensor:
-    """(1, [1 +] S*S, D) -> (1, [1 +] side*side, D): the grid resampled bicubically (timm's resample_abs_pos_embed,
-    antialiased when shrinking), the cls slot kept as it is."""
-    from timm.layers import resample_abs_pos_embed
-
-    prefix, old = pos_embed_grid(pos_embed)
-    if old == side:
-        return pos_embed
-    return resample_abs_pos_embed(pos_embed.float(), [side, side], [old, old], num_prefix_tokens=prefix).to(
-        pos_embed.dtype)
-
-
-def resize_patch_embed(weight: torch.Tensor, patch: int) -> torch.Tensor:
-    """(D, C, p, p) patch-embedding kernel -> (D, C, patch, patch) by timm's resample_patch_embed (FlexiViT's
-    pseudo-inverse resize: the new kernel on a bicubically resized patch gives the old kernel's output)."""
-    from timm.layers import resample_patch_embed
-
-    if weight.shape[-1] == patch:
-        return weight
-    return resample_patch_embed(weight.float(), [patch, patch]).to(weight.dtype)
-
-
-def fit_encoder(sd: Mapping[str, torch.Tensor], *, patch_size: int | None = None,
-                grid: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Resample an encoder (our keys) to a target's patch size and position grid: a pure function.
-
-    Args:
-        sd: state dict with `patch_embed.proj.weight` (D, C, p, p) and `pos_embed` (1, [1 +] S*S, D).
-        patch_size: the target's patch side; None keeps the file's. Only a larger patch than the file's can be
-            made (MAE's ViT-H/14 into ViTDet's patch-16 ViT-H): the resampled kernel then reproduces the old one's
-            output on the resized patch, which does not hold the other way round.
-        grid: the target's patch grid side (image size / patch size); None keeps the file's.
-
-    Returns:
-        (state dict, one note per resampled tensor).
-
-    Raises:
-        CheckpointError: the file's patch is larger than `patch_size`.
-    """
-    out, notes = dict(sd), []
-    weight = out.get("patch_embed.proj.weight")
-    if patch_size is not None and weight is not None and weight.shape[-1] != patch_size:
-        if weight.shape[-1] > patch_size:
-            raise CheckpointError(f"the checkpoint's patch {weight.shape[-1]} is larger than the target's "
-                                  f"{patch_size}; only a smaller patch is resampled up (e.g. MAE's ViT-H/14 to 16): use a config "
-                                  f"with patch_size={weight.shape[-1]}")
-        out["patch_embed.proj.weight"] = resize_patch_embed(weight, patch_size)
-        notes.append(f"patch_embed.proj.weight: patch {weight.shape[-1]} -> {patch_size} (timm resample_patch_embed)")
-    pos_embed = out.get("pos_embed")
-    if grid is not None and pos_embed is not None:
-        side = pos_embed_grid(pos_embed)[1]
-        if side != grid:
-            out["pos_embed"] = resize_pos_embed(pos_embed, grid)
-            notes.append(f"pos_embed: {side}x{side} -> {grid}x{grid} patch grid "
-                         "(bicubic, timm resample_abs_pos_embed)")
-    return out, notes

@@ -24,12 +24,14 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlparse
 
-from .errors import CheckpointError
+from torch.hub import download_url_to_file
+
+from ..errors import CheckpointError
 
 __all__ = ["Release", "RELEASES", "NOT_RELEASED", "weights_dir", "is_release_name", "release_of", "resolve_weights",
            "fetch"]
 
-logger = logging.getLogger("pretrain.releases")
+logger = logging.getLogger("pretrain.weights.releases")
 
 _MAE = "https://dl.fbaipublicfiles.com/mae"
 _CROSSMAE = "https://huggingface.co/longlian/CrossMAE/resolve/main"
@@ -226,8 +228,6 @@ def fetch(release: Release, cache: str | Path | None = None, progress: bool = Tr
         CheckpointError: the download failed (offline, host unreachable, HTTP error) or the file does not match
             the published checksum; the message names the URL and where to place the file by hand.
     """
-    from torch.hub import download_url_to_file
-
     path = Path(cache or weights_dir()) / release.filename
     downloaded = False
     if not path.is_file():

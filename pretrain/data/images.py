@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .synthetic import render_shapes_image, shapes_rng
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def eval_transform(input_size: int) -> transforms.Compose:
 
 
 def render_builtin_image(index: int, size: int = 256, seed: int = 0) -> np.ndarray:
-    """Built-in image `index`: `pretrain.synthetic.render_shapes_image` on its pretraining stream, a pure
+    """Built-in image `index`: `pretrain.data.synthetic.render_shapes_image` on its pretraining stream, a pure
     function of (index, size, seed); (size, size, 3) uint8 RGB."""
     return render_shapes_image(shapes_rng(seed, "pretrain", index), size)[0]
 
@@ -232,7 +232,7 @@ class ImageFiles(Dataset):
 
 
 class Builtin(Dataset):
-    """The procedural images of `pretrain.data.render_builtin_image`, as (image, index, True)."""
+    """The procedural images of `render_builtin_image`, as (image, index, True)."""
 
     def __init__(self, length: int, input_size: int, seed: int = 0) -> None:
         self.images = BuiltinImages(length, eval_transform(input_size), seed=seed)

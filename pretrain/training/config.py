@@ -12,11 +12,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
 import yaml
 
-from .errors import ConfigError
-from .models import VIT_SIZES, build_model, model_info
+from ..errors import ConfigError
+from ..models import VIT_SIZES, model_info
 
 DEFAULTS: dict[str, Any] = {
     "model": "crossmae_vit_tiny_patch16",
@@ -252,24 +251,3 @@ def check_type(key: str, value: Any, kind: str) -> None:
         article = {"int": "an int", "ints": "a list of ints"}.get(kind, f"a {kind}")
         raise ConfigError(f"{key} must be {article}, got {value!r} "
                           f"({type(value).__name__}); {hint}")
-
-
-def create_model(cfg: dict[str, Any]) -> nn.Module:
-    """Build the registered model the config names, with its masking settings."""
-    overrides: dict[str, Any] = {**cfg.get("model_kwargs", {}), "img_size": cfg["input_size"],
-                                 "norm_pix_loss": cfg["norm_pix_loss"], "mask_ratio": cfg["mask_ratio"]}
-    if cfg["decoder_depth"] is not None:
-        overrides["decoder_depth"] = cfg["decoder_depth"]
-    crossmae = model_info(cfg["model"]).family == "crossmae"
-    if crossmae and cfg.get("use_fm") is not None:
-        overrides["use_fm"] = model_use_fm(cfg["use_fm"])
-    model = build_model(cfg["model"], **overrides)
-    if crossmae:
-        model.prediction_ratio = cfg["prediction_ratio"]
-    return model
-
-
-def model_use_fm(use_fm: list[int]) -> list[int] | None:
-    """The official `--use_fm` as `CrossMAE(use_fm=...)`: the official code reads a lone -1 as every block
-    (`models_cross.py`), where the model's argument would read it as the last block; None means every block."""
-    return None if list(use_fm) == [-1] else list(use_fm)

@@ -1,0 +1,101 @@
+"""Files on disk: atomic writes, and the one safe reader of weights files.
+
+- `write_atomic(path, write)` is every write in the project that must not be left half done (checkpoints,
+  snapshots, summaries, AP files, logs rewritten in place): `write` fills a temporary file in the same folder,
+  which is flushed, synced and renamed over `path`. A kill mid-write leaves the previous file, never a truncated
+  one; the temporary file (`.NAME.*.tmp`) is removed on error, and a kill's leftover is recognisable by its name.
+- `save_atomic` (torch objects), `write_text_atomic` and `write_json_atomic` are its three uses.
+- `read_checkpoint(path)` reads `.safetensors` with safetensors and anything else with
+  `torch.load(weights_only=True)`: no code from a file runs unless the user passes `--trust-pickle`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import CheckpointError
+
+__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "read_checkpoint"]
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(f)` on a temporary binary file next to `path`, sync it, then rename it over `path`.
+
+    A crash mid-write leaves the previous file intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj)` to `path`, atomically."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path`, atomically."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Write `obj` as JSON (and a final newline) to `path`, atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
+    """Load a weights file on CPU without running code from it: the project's one loader.
+
+    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`, which
+    refuses pickled objects other than tensors and plain containers. `trust_pickle=True` (the command
+    lines' `--trust-pickle`) lifts that for files the user trusts, such as MAE's releases that store `args`.
+
+    Raises:
+        CheckpointError: the file is missing, empty, corrupt or truncated, or holds pickled objects (then the
+            message names `--trust-pickle`; it never does for a corrupt file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; check the path")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes), e.g. from an interrupted copy; "
+                              "write or download it again")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {path} as safetensors ({_first_line(e)}); is it complete?") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise CheckpointError(f"{path} holds pickled Python objects besides tensors, and loading it would run "
+                                  "code from the file; pass --trust-pickle only if you trust its source") from None
+        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({_first_line(e)}); "
+                              "write or download it again") from None
+    except Exception as e:  # noqa: BLE001 - zip, EOF and key errors of truncated or foreign files
+        raise CheckpointError(f"{path} is corrupt, truncated or not a torch checkpoint ({_first_line(e)}); "
+                              "write or download it again") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:120]}" if text else type(e).__name__

@@ -1,0 +1,28 @@
+"""What the demo calls its runs, on the console and in the report, and its console lines."""
+from __future__ import annotations
+
+import time
+
+METHODS = ("mae", "crossmae")
+NAMES = {"mae": "MAE", "crossmae": "CrossMAE"}
+CONTROLS = {"step0": "not pretrained (step 0)", "vitdet_random": "ViTDet random init"}
+DETECTOR_ORDER = ("vitdet_random", "step0", *METHODS)  # the report's rows
+FROZEN = "_frozen"  # the suffix of a detector run with the backbone frozen
+
+__all__ = ["METHODS", "NAMES", "CONTROLS", "DETECTOR_ORDER", "FROZEN", "detector_run", "detector_label", "log"]
+
+
+def detector_run(key: str, frozen: bool) -> str:
+    """The name of a detector run (its folder under `detection/`): the init's key, `_frozen` when frozen."""
+    return key + (FROZEN if frozen else "")
+
+
+def detector_label(run: str) -> str:
+    """A detector run's label: 'MAE', 'not pretrained (step 0), frozen backbone', ..."""
+    key = run.removesuffix(FROZEN)
+    return (CONTROLS.get(key) or NAMES[key]) + (", frozen backbone" if run.endswith(FROZEN) else "")
+
+
+def log(msg: str) -> None:
+    """One console line of the demo, with the time."""
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
