@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO_ARGS ?=
 
-.PHONY: setup check test demo clean
+.PHONY: setup check test test-fast demo clean
 setup:
 	@bash tools/setup_env.sh
 
@@ -11,6 +11,10 @@ check: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# every test but those marked slow (multi-process, end to end, or over ~3 s on CPU); `make test` runs them all
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(PY) tools/demo.py $(DEMO_ARGS)

@@ -1,4 +1,5 @@
-"""tools/train_net.py end to end on CPU with the smoke config, its error messages, and the COCO recipes."""
+"""tools/train_net.py end to end on CPU with the smoke config (`detection.train`), its error messages (a used output
+folder, an image whose size differs from its json), and the COCO recipes."""
 import json
 import math
 from pathlib import Path
@@ -6,14 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm2d
 
 import detection  # noqa: F401  (compat layer before detectron2)
+from detection import cli as detection_cli
 from detection import train
 from detection.cli import train_net as train_net_cli
 from detection.cli import train_net_parser
+from detection.datasets import write_builtin_shapes
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import ImageList
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
 
 
@@ -65,6 +72,26 @@ def test_cli_errors_are_one_line(override, expected, capsys, monkeypatch):
     assert train_net_cli(["--config-file", SMOKE, override]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
+
+
+def test_train_net_refuses_an_output_folder_holding_a_run(tmp_path, one_error_line):
+    out = tmp_path / "det"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}\n")
+    assert detection_cli.train_net(["--config-file", SMOKE, f"train.output_dir={out}"]) == 2
+    one_error_line("holds an earlier run", "--resume", "--overwrite")
+
+
+def test_an_image_of_another_size_than_its_json_says_is_one_line(tmp_path, one_error_line):
+    write_builtin_shapes(tmp_path / "s", num_train=2, num_val=1, image_size=64, seed=0)
+    coco = json.loads((tmp_path / "s" / "annotations" / "train.json").read_text())
+    coco["images"][0]["height"] = coco["images"][0]["width"] = 80
+    (tmp_path / "s" / "annotations" / "train.json").write_text(json.dumps(coco))
+    args = ["--config-file", SMOKE, "--dataset", "test_size_train", str(tmp_path / "s/annotations/train.json"),
+            str(tmp_path / "s"), "dataloader.train.dataset.names=test_size_train", f"train.output_dir={tmp_path / 'o'}",
+            "train.max_iter=4"]
+    assert detection_cli.train_net(args) == 2
+    one_error_line("Mismatched image shape", "check the width/height")
 
 
 def _coco(name: str):
@@ -145,8 +172,6 @@ def _vit_input_shape(model, run) -> tuple[int, ...]:
 def test_coco_b_model_sees_the_square_at_test_time_on_any_detectron2(coco_b):
     """A 768 x 1024 test image reaches the ViT as 1024 x 1024 (ViTDet's square, zeros after normalisation): on
     detectron2 v0.6, which pads only to a multiple of 32, and on one that pads to the square itself."""
-    from detectron2.structures import ImageList
-
     _, model = coco_b
     model.eval()
     image = torch.rand(3, 768, 1024) * 255
@@ -166,8 +191,6 @@ def test_coco_b_model_sees_the_square_at_test_time_on_any_detectron2(coco_b):
 def test_coco_b_param_groups_decay_the_channels_first_layernorms_as_vitdet(coco_b):
     """ViTDet's "LN" of the pyramid and heads is detectron2's plain-Module LayerNorm: not a norm type for the
     optimizer, so weight decay 0.1; the ViT blocks' nn.LayerNorms keep weight_decay_norm = 0."""
-    from timm.layers import LayerNorm2d
-
     cfg, model = coco_b
     cfg.optimizer.params.model = model
     groups = instantiate(cfg.optimizer).param_groups
@@ -194,8 +217,6 @@ def test_coco_b_param_groups_decay_the_channels_first_layernorms_as_vitdet(coco_
 def test_lsj_keeps_the_crop_size_as_the_image_size():
     """LSJ crops without padding: an image that the resize leaves smaller than the square stays its size, and
     so does the recorded image size that proposals are clipped to."""
-    from detectron2.data import DatasetCatalog
-
     cfg = LazyConfig.load(SMOKE)
     mapper_cfg = cfg.dataloader.train.mapper
     resize, crop = mapper_cfg.augmentations[1:]
@@ -227,8 +248,6 @@ def test_smoke_model_predicts_in_the_original_image_coordinates():
 
 
 def test_coco_config_builds_a_vitdet_b_mask_rcnn_with_layer_decay(coco_b):
-    from detectron2.modeling.roi_heads import StandardROIHeads
-
     cfg, model = coco_b
     assert isinstance(model.roi_heads, StandardROIHeads)
     assert model.roi_heads.box_head.conv1.norm.__class__.__name__.startswith("LayerNorm")

@@ -10,7 +10,7 @@ import torch
 
 from pretrain.models import MAE, CrossMAE
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"  # tests/data
 CASES = ["mae_reference", "crossmae_reference", "crossmae_selfattn_reference"]
 
 

@@ -1,22 +1,37 @@
-"""Checkpoint hand-off from MAE / CrossMAE / timm encoders to the detectron2 ViTDet adapter."""
+"""Checkpoint hand-off from MAE / CrossMAE / timm encoders to the detectron2 ViTDet adapter (`detection.convert`,
+`detection.cli.convert`): keys and values, refusals, resampling a patch and keeping the pretrained grid, atomic
+writes, and corrupt files named as such."""
 import argparse
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 
 import detection  # noqa: F401  (makes detectron2 v0.6 importable)
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detection import train
+from detection.checkpointer import SafeCheckpointer
 from detection.cli import convert as convert_main
-from detection.convert import to_vitdet
+from detection.cli import train_net_parser
+from detection.convert import convert_checkpoint, to_vitdet
 from detection.vit import SimpleFeaturePyramid, ViT
-from pretrain.weights.fit import encoder_shape
+from pretrain import files as files_mod
+from pretrain.errors import CheckpointError
+from pretrain.models import create_model
+from pretrain.training.config import DEFAULTS
 from pretrain.weights.loading import state_dict_of
 
 D, DEPTH, PATCH = 16, 2, 16
+TI, TI_PATCH, TI_IMG = 192, 8, 32  # conftest's weights files: ViT-Ti width, patch 8, 32 px
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
 
 
 def _encoder(embed_dim: int = D, depth: int = DEPTH, **kw) -> VisionTransformer:
@@ -107,10 +122,6 @@ def test_refuses_encoder_of_another_size(tmp_path, capsys):
         to_vitdet({"decoder_embed.weight": torch.zeros(2, 2)})
 
 
-def test_encoder_shape():
-    assert encoder_shape(_encoder(depth=3).state_dict()) == {"embed_dim": D, "depth": 3, "patch_size": PATCH}
-
-
 def test_bare_timm_state_dict_without_cls_slot_gives_timm_features(tmp_path):
     enc = _encoder(class_token=False, global_pool="avg")  # pos_embed (1, 196, D): a cls slot is added
     sd = enc.state_dict()
@@ -153,18 +164,6 @@ def test_pickled_objects_need_trust_flag(tmp_path, capsys):
 def test_a_pretraining_at_another_resolution_reaches_vitdet_through_one_override(tmp_path, capsys):
     """CrossMAE's ViT-B/448 path in miniature: an encoder pretrained at 128 px (8 x 8 pos_embed) into the smoke
     config (pretrain_img_size 96): converter and train_net take the same `pretrain_img_size` override."""
-    from pathlib import Path
-
-    from detectron2.config import LazyConfig, instantiate
-
-    from detection import train
-    from detection.checkpointer import SafeCheckpointer
-    from detection.cli import train_net_parser
-    from pretrain.models import create_model
-    from pretrain.training.config import DEFAULTS
-    from pretrain.errors import CheckpointError
-
-    smoke = str(Path(__file__).resolve().parents[1] / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
     cfg = {**DEFAULTS, "model": "crossmae_vit_tiny_patch16", "input_size": 128, "decoder_depth": 1,
            "model_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
                             "decoder_num_heads": 2}}
@@ -174,23 +173,85 @@ def test_a_pretraining_at_another_resolution_reaches_vitdet_through_one_override
     torch.save({"model": pretrained.state_dict(), "optimizer": {}, "epoch": 0, "config": cfg}, src)
     override = "model.backbone.net.pretrain_img_size=128"
 
-    assert convert_main([str(src), str(out), "--config", smoke]) == 2  # the config's 96 px grid: refused
+    assert convert_main([str(src), str(out), "--config", SMOKE]) == 2  # the config's 96 px grid: refused
     err = capsys.readouterr().err
     assert override in err and err.count("\n") == 1 and not out.exists()
-    assert convert_main([str(src), str(out), "--config", smoke, "model.backbone.net.pretrain_img_sise=128"]) == 2
+    assert convert_main([str(src), str(out), "--config", SMOKE, "model.backbone.net.pretrain_img_sise=128"]) == 2
     assert "did you mean model.backbone.net.pretrain_img_size" in capsys.readouterr().err
-    assert convert_main([str(src), str(out), "--config", smoke, override]) == 0
+    assert convert_main([str(src), str(out), "--config", SMOKE, override]) == 0
     converted = torch.load(out, weights_only=True)["model"]
     assert converted["backbone.net.pos_embed"].shape == (1, 1 + 8 * 8, 32)
 
     # train_net without the override names it; with it, every backbone weight loads and training runs
     with pytest.raises(CheckpointError, match=override):
-        SafeCheckpointer(instantiate(LazyConfig.load(smoke).model)).load(str(out))
+        SafeCheckpointer(instantiate(LazyConfig.load(SMOKE).model)).load(str(out))
     run_dir = tmp_path / "det"
-    train.main(train_net_parser().parse_args(["--config-file", smoke, f"train.output_dir={run_dir}",
+    train.main(train_net_parser().parse_args(["--config-file", SMOKE, f"train.output_dir={run_dir}",
                                               f"train.init_checkpoint={out}", override]))
     final = torch.load(run_dir / "model_final.pth", weights_only=True)["model"]
     assert final["backbone.net.pos_embed"].shape == (1, 65, 32)
     # two steps at lr <= 1e-4 move the pretrained weights by less than 1e-3 (ViTDet's random init: std 0.02)
     torch.testing.assert_close(final["backbone.net.blocks.0.attn.qkv.weight"],
                                pretrained.state_dict()["blocks.0.attn.qkv.weight"], rtol=0, atol=1e-3)
+
+
+def test_patch_14_to_16_resamples_kernel_and_position_grid():
+    """MAE's ViT-H/14 into ViTDet's patch-16 ViT-H: timm's resample_patch_embed keeps each patch's projection
+    (the new kernel on a bicubically resized patch gives the old kernel's value), the grid follows the target."""
+    torch.manual_seed(0)
+    sd = {"patch_embed.proj.weight": torch.randn(TI, 3, 14, 14), "patch_embed.proj.bias": torch.randn(TI),
+          "pos_embed": torch.randn(1, 1 + 16 * 16, TI), "cls_token": torch.randn(1, 1, TI),
+          "blocks.0.norm1.weight": torch.randn(TI)}
+    new_sd, report = to_vitdet(sd, embed_dim=TI, depth=1, patch_size=16, pretrain_img_size=224)
+    kernel, pos = new_sd["backbone.net.patch_embed.proj.weight"], new_sd["backbone.net.pos_embed"]
+    assert kernel.shape == (TI, 3, 16, 16) and pos.shape == (1, 1 + 14 * 14, TI)
+    torch.testing.assert_close(kernel, resample_patch_embed(sd["patch_embed.proj.weight"], [16, 16]))
+    torch.testing.assert_close(pos, resample_abs_pos_embed(sd["pos_embed"], [14, 14], num_prefix_tokens=1))
+    torch.testing.assert_close(pos[:, :1], sd["pos_embed"][:, :1])  # the cls slot is kept as it is
+    assert [n.split(":")[0] for n in report.resized] == ["patch_embed.proj.weight", "pos_embed"]
+
+    patch = torch.randn(4, 3, 14, 14)
+    resized = F.interpolate(patch, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    old = torch.einsum("dchw,nchw->nd", sd["patch_embed.proj.weight"], patch)
+    torch.testing.assert_close(torch.einsum("dchw,nchw->nd", kernel, resized), old, rtol=1e-5, atol=2e-4)
+
+
+def test_the_pretrained_grid_is_kept_or_refused_with_the_override_that_fits(tmp_path, finetuned_crossmae):
+    """Into ViTDet the pretrained grid is kept (ViTDet resizes it once, at forward time) and a config asking for
+    another one is refused with the override that fits; a resampled patch takes its grid along (see the ViT-H/14
+    test). (Resampling itself: tests/pretrain/weights/test_fit.py.)"""
+    finetuned_crossmae(tmp_path / "ft.pth")  # 32 px, 4 x 4 grid
+    target = {"embed_dim": TI, "depth": 2, "patch_size": TI_PATCH}
+    with pytest.raises(CheckpointError, match=f"model.backbone.net.pretrain_img_size={TI_IMG}"):
+        convert_checkpoint(tmp_path / "ft.pth", tmp_path / "d2.pth", {**target, "pretrain_img_size": 2 * TI_IMG})
+    report = convert_checkpoint(tmp_path / "ft.pth", tmp_path / "d2.pth", {**target, "pretrain_img_size": TI_IMG})
+    assert report.resized == []
+    assert torch.load(tmp_path / "d2.pth", weights_only=True)["model"]["backbone.net.pos_embed"].shape == (1, 17, TI)
+
+
+def test_corrupt_bytes_are_not_blamed_on_pickles(tmp_path, one_error_line):
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"a": torch.ones(2)}}, good)
+    (tmp_path / "trunc.pth").write_bytes(good.read_bytes()[:40])
+    (tmp_path / "text.pth").write_text("hello\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name, needle in (("trunc.pth", "corrupt"), ("text.pth", "corrupt"), ("empty.pth", "empty (0 bytes)")):
+        assert convert_main([str(tmp_path / name), str(tmp_path / "o.pth"), "--embed-dim", "2", "--depth",
+                                      "1", "--patch-size", "8"]) == 2
+        line = one_error_line(needle)
+        assert "--trust-pickle" not in line
+
+
+def test_the_converter_writes_atomically(tmp_path, monkeypatch, tiny_cfg):
+    # (the trainer's half of this check: tests/pretrain/training/test_trainer.py)
+    src = tmp_path / "src.pth"
+    torch.save({"model": create_model(tiny_cfg(tmp_path, epochs=1)).state_dict()}, src)
+
+    def dies(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files_mod.torch, "save", dies)
+    dst = tmp_path / "d2.pth"
+    assert convert_main([str(src), str(dst), "--embed-dim", "32", "--depth", "2", "--patch-size", "8"]) == 130
+    assert not dst.exists() and not list(tmp_path.glob(".d2.pth.*"))  # a retry is not blocked by a 0-byte file

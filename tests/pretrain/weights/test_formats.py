@@ -1,8 +1,8 @@
 """One importer for every MAE-family layout: real timm and transformers models written in their own formats give
 the same encoder features after import; official MAE / CrossMAE and mmpretrain files written with their documented
 key names import to the official keys; every route (encoder, pretraining model, ViTDet) reports what it dropped,
-resamples position embeddings and patch kernels, and refuses a tensor of the wrong shape in one line."""
-import logging
+resamples position embeddings and patch kernels, and refuses a tensor of the wrong shape in one line. The weights
+files of other libraries are conftest's fixtures; the ViTDet route's own checks are in tests/detection."""
 import re
 from functools import partial
 from pathlib import Path
@@ -10,33 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import detection  # noqa: F401  (makes detectron2 v0.6 importable)
-from detection.checkpointer import SafeCheckpointer
 from detection.cli import convert as convert_main
-from detection.convert import convert_checkpoint, to_vitdet
 from detection.vit import ViT
-from pretrain.weights.fit import load_model_weights
 from pretrain.errors import CheckpointError
-from pretrain.weights.fit import resize_pos_embed
-from pretrain.weights.formats import detect_layout, from_transformers, group_of, LAYOUTS
-from pretrain.models import MAE, CrossMAE
-from pretrain.weights.loading import load_encoder_into
-from pretrain.weights.loading import load_encoder, load_pretrain_model, read_weights
+from pretrain.models import MAE, CrossMAE, build_model
+from pretrain.weights.fit import load_model_weights
+from pretrain.weights.formats import LAYOUTS, detect_layout, from_transformers, group_of
+from pretrain.weights.loading import load_encoder, load_encoder_into, load_pretrain_model, read_weights
 
-DATA = Path(__file__).parent / "data"
-D, HEADS, PATCH, IMG = 192, 3, 8, 32  # the ViT-Ti width, from which loaders tell the head count
+DATA = Path(__file__).resolve().parents[2] / "data"  # tests/data
+D, HEADS, PATCH, IMG = 192, 3, 8, 32  # conftest's weights files: the ViT-Ti width, from which loaders tell the heads
 L = (IMG // PATCH) ** 2
-
-
-def _jitter(model: nn.Module) -> nn.Module:
-    """Move every tensor off its init (zero biases, unit norms) so that a swapped or dropped tensor shows."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 def _images(n: int = 2) -> torch.Tensor:
@@ -50,19 +36,6 @@ def _ours(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------- timm
-
-@pytest.fixture(scope="module")
-def timm_files(tmp_path_factory):
-    import timm
-    from timm.models import save_for_hf
-
-    torch.manual_seed(0)
-    model = _jitter(timm.create_model("vit_base_patch16_224.mae", pretrained=False, img_size=IMG, patch_size=PATCH,
-                                      embed_dim=D, depth=2, num_heads=HEADS))
-    folder = tmp_path_factory.mktemp("timm")
-    save_for_hf(model, str(folder), safe_serialization="both")  # timm's hub layout: safetensors and .bin
-    return model, folder
-
 
 @pytest.mark.parametrize("file", ["model.safetensors", "pytorch_model.bin"])
 def test_timm_model_in_its_own_format_gives_its_features(timm_files, file):
@@ -81,38 +54,6 @@ def test_timm_model_in_its_own_format_gives_its_features(timm_files, file):
 
 # -------------------------------------------------------------------------------------------------- transformers
 
-def _hf_config(**kw):
-    from transformers import ViTMAEConfig
-
-    # layer_norm_eps: MAE's 1e-6 (the facebook/vit-mae-* configs say 1e-12; the weights were trained with 1e-6)
-    return ViTMAEConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=4 * D,
-                        image_size=IMG, patch_size=PATCH, layer_norm_eps=1e-6, **kw)
-
-
-def _hf_files(model, folder: Path) -> dict[str, Path]:
-    """The model written as transformers does: save_pretrained (its original names, as 4.x and the hub files),
-    save_pretrained with transformers 5's module names, and a pytorch_model.bin with the hub's names."""
-    from safetensors.torch import load_file
-
-    model.save_pretrained(folder / "original")
-    model.save_pretrained(folder / "modules", save_original_format=False)
-    hub = {k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers."): v
-           for k, v in load_file(folder / "original" / "model.safetensors").items()}
-    (folder / "hub").mkdir()
-    torch.save(hub, folder / "hub" / "pytorch_model.bin")
-    return {"original": folder / "original" / "model.safetensors",
-            "modules": folder / "modules" / "model.safetensors", "hub": folder / "hub" / "pytorch_model.bin"}
-
-
-@pytest.fixture(scope="module")
-def hf_encoder(tmp_path_factory):
-    from transformers import ViTMAEModel
-
-    torch.manual_seed(0)
-    model = _jitter(ViTMAEModel(_hf_config(mask_ratio=0.0)))
-    return model, _hf_files(model, tmp_path_factory.mktemp("hf_encoder"))
-
-
 @pytest.mark.parametrize("variant", ["original", "modules", "hub"])
 def test_transformers_vitmae_model_gives_its_features(hf_encoder, variant):
     model, files = hf_encoder
@@ -125,17 +66,6 @@ def test_transformers_vitmae_model_gives_its_features(hf_encoder, variant):
     if variant == "hub":
         keys = torch.load(files[variant], weights_only=True)
         assert "encoder.layer.0.attention.attention.query.weight" in keys  # separate q, k, v were fused
-
-
-@pytest.fixture(scope="module")
-def hf_pretraining(tmp_path_factory):
-    from transformers import ViTMAEForPreTraining
-
-    torch.manual_seed(0)
-    cfg = _hf_config(mask_ratio=0.75, decoder_hidden_size=64, decoder_num_hidden_layers=2,
-                     decoder_num_attention_heads=2, decoder_intermediate_size=256)
-    model = _jitter(ViTMAEForPreTraining(cfg))
-    return model, _hf_files(model, tmp_path_factory.mktemp("hf_pretraining"))
 
 
 @pytest.mark.parametrize("variant", ["original", "modules", "hub"])
@@ -228,20 +158,8 @@ def test_mmcv_multihead_attention_names_map_onto_qkv():
     assert set(layout.convert(sd)) == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias"}
 
 
-def _finetuned_crossmae(path: Path) -> nn.Module:
-    """CrossMAE's *-finetune-*.pth: MAE's models_vit (timm ViT, global pool: fc_norm instead of norm, a head)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    vit = _jitter(VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=2, num_heads=HEADS,
-                                    num_classes=10, global_pool="avg", fc_norm=True,
-                                    norm_layer=partial(nn.LayerNorm, eps=1e-6)))
-    torch.save({"model": vit.state_dict(), "epoch": 99}, path)
-    return vit
-
-
-def test_finetuned_crossmae_gives_its_encoder_and_reports_the_dropped_head(tmp_path):
-    vit = _finetuned_crossmae(tmp_path / "crossmae-finetune.pth")
+def test_finetuned_crossmae_gives_its_encoder_and_reports_the_dropped_head(tmp_path, finetuned_crossmae):
+    vit = finetuned_crossmae(tmp_path / "crossmae-finetune.pth")
     encoder, info = load_encoder(tmp_path / "crossmae-finetune.pth")
     report = info["report"]
     assert report.dropped == {"fc_norm": ["fc_norm.bias", "fc_norm.weight"], "head": ["head.bias", "head.weight"]}
@@ -262,7 +180,7 @@ def test_every_layout_has_a_name_and_one_function():
         "mask_token", "norm", "cls_token", "head", "rel_pos (ViTDet)", "detector (pyramid, heads)", "encoder"]
 
 
-# ------------------------------------------------------------------------------------------ into ViTDet and back
+# ---------------------------------------------------------------------------------------------- into ViTDet
 
 def _vitdet(patch: int = PATCH, pretrain_img_size: int = IMG, img: int = IMG) -> ViT:
     return ViT(img_size=img, patch_size=patch, embed_dim=D, depth=2, num_heads=HEADS, mlp_ratio=4.0,
@@ -297,86 +215,9 @@ def test_every_layout_goes_into_the_vitdet_backbone(source, timm_files, hf_encod
         torch.testing.assert_close(vit(x)["last_feat"], want, rtol=0, atol=1e-5)
 
 
-def test_patch_14_to_16_resamples_kernel_and_position_grid():
-    """MAE's ViT-H/14 into ViTDet's patch-16 ViT-H: timm's resample_patch_embed keeps each patch's projection
-    (the new kernel on a bicubically resized patch gives the old kernel's value), the grid follows the target."""
-    from timm.layers import resample_abs_pos_embed, resample_patch_embed
-
-    torch.manual_seed(0)
-    sd = {"patch_embed.proj.weight": torch.randn(D, 3, 14, 14), "patch_embed.proj.bias": torch.randn(D),
-          "pos_embed": torch.randn(1, 1 + 16 * 16, D), "cls_token": torch.randn(1, 1, D),
-          "blocks.0.norm1.weight": torch.randn(D)}
-    new_sd, report = to_vitdet(sd, embed_dim=D, depth=1, patch_size=16, pretrain_img_size=224)
-    kernel, pos = new_sd["backbone.net.patch_embed.proj.weight"], new_sd["backbone.net.pos_embed"]
-    assert kernel.shape == (D, 3, 16, 16) and pos.shape == (1, 1 + 14 * 14, D)
-    torch.testing.assert_close(kernel, resample_patch_embed(sd["patch_embed.proj.weight"], [16, 16]))
-    torch.testing.assert_close(pos, resample_abs_pos_embed(sd["pos_embed"], [14, 14], num_prefix_tokens=1))
-    torch.testing.assert_close(pos[:, :1], sd["pos_embed"][:, :1])  # the cls slot is kept as it is
-    assert [n.split(":")[0] for n in report.resized] == ["patch_embed.proj.weight", "pos_embed"]
-
-    patch = torch.randn(4, 3, 14, 14)
-    resized = F.interpolate(patch, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
-    old = torch.einsum("dchw,nchw->nd", sd["patch_embed.proj.weight"], patch)
-    torch.testing.assert_close(torch.einsum("dchw,nchw->nd", kernel, resized), old, rtol=1e-5, atol=2e-4)
-
-
-def test_position_grid_is_resampled_or_kept_as_the_target_needs(tmp_path):
-    """timm's resampling keeps the cls slot; into ViTDet the pretrained grid is kept (ViTDet resizes it once, at
-    forward time) and a config asking for another one is refused with the override that fits; a resampled patch
-    takes its grid along (see the ViT-H/14 test)."""
-    torch.manual_seed(0)
-    pos = torch.randn(1, 1 + 4 * 4, D)
-    assert resize_pos_embed(pos, 4) is pos
-    small = resize_pos_embed(pos, 2)
-    assert small.shape == (1, 5, D) and torch.equal(small[:, 0], pos[:, 0])
-    _finetuned_crossmae(tmp_path / "ft.pth")  # 32 px, 4 x 4 grid
-    target = {"embed_dim": D, "depth": 2, "patch_size": PATCH}
-    with pytest.raises(CheckpointError, match=f"model.backbone.net.pretrain_img_size={IMG}"):
-        convert_checkpoint(tmp_path / "ft.pth", tmp_path / "d2.pth", {**target, "pretrain_img_size": 2 * IMG})
-    report = convert_checkpoint(tmp_path / "ft.pth", tmp_path / "d2.pth", {**target, "pretrain_img_size": IMG})
-    assert report.resized == []
-    assert torch.load(tmp_path / "d2.pth", weights_only=True)["model"]["backbone.net.pos_embed"].shape == (1, 17, D)
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def test_train_net_checkpointer_converts_a_pretraining_file_on_the_fly(timm_files):
-    class Detector(nn.Module):
-        def __init__(self, pretrain_img_size: int) -> None:
-            super().__init__()
-            self.backbone = nn.Module()
-            self.backbone.net = _vitdet(pretrain_img_size=pretrain_img_size)
-
-    model = Detector(IMG)
-    checkpointer = SafeCheckpointer(model)
-    records, level = _Records(), checkpointer.logger.level
-    checkpointer.logger.addHandler(records)
-    checkpointer.logger.setLevel(logging.INFO)
-    try:
-        checkpointer.load(str(timm_files[1] / "model.safetensors"))
-    finally:
-        checkpointer.logger.removeHandler(records)
-        checkpointer.logger.setLevel(level)
-    assert any("converted for ViTDet" in m for m in records.messages)
-    assert torch.equal(model.backbone.net.blocks[1].mlp.fc1.weight, timm_files[0].blocks[1].mlp.fc1.weight)
-    assert model.backbone.net.pos_embed.shape == (1, 1 + 4 * 4, D)
-    # a ViT built for another pretraining grid: refused in one line, naming the override that fits the file
-    with pytest.raises(CheckpointError, match=f"model.backbone.net.pretrain_img_size={IMG}"):
-        SafeCheckpointer(Detector(224)).load(str(timm_files[1] / "model.safetensors"))
-
-
 # --------------------------------------------------------------------------------------- into a pretraining model
 
 def test_init_from_takes_any_layout_and_refuses_a_wrong_shape_in_one_line(hf_encoder, tmp_path):
-    from pretrain.models import build_model
-
     model = build_model("mae_vit_tiny_patch16", img_size=2 * IMG, patch_size=PATCH, depth=2, decoder_depth=1)
     replaced = load_encoder_into(model, hf_encoder[1]["hub"]).loaded  # a 4 x 4 grid into an 8 x 8 one: resampled
     assert "blocks.1.attn.qkv.weight" in replaced and model.pos_embed.shape == (1, 65, D)

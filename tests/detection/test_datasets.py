@@ -1,4 +1,6 @@
-"""The built-in shapes set (deterministic, valid COCO), dataset registration and missing-file errors."""
+"""Detection datasets (`detection.datasets`): the built-in shapes set (deterministic, valid COCO), dataset
+registration, missing-file errors, and annotation checks (bad boxes and polygons dropped or clipped with one warning,
+bad annotation files as one-line errors)."""
 import contextlib
 import hashlib
 import io
@@ -11,6 +13,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import detection  # noqa: F401  (compat layer before detectron2)
+import detectron2.data.transforms as T
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
 from pretrain.data.images import render_builtin_image
 from pretrain.errors import DataError
 from pretrain.data.synthetic import render_shapes_image, shapes_rng
@@ -19,6 +24,8 @@ from detection.datasets import (
     BitmaskDatasetMapper,
     build_builtin_shapes,
     check_dataset,
+    clean_annotations,
+    load_checked_coco_json,
     register_builtin_shapes,
     register_coco_json,
     write_builtin_shapes,
@@ -97,8 +104,6 @@ def test_pretraining_images_come_from_the_same_renderer_on_another_stream(shapes
 
 
 def test_registered_builtin_set_is_rendered_once_and_loads(tmp_path):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     train, val = register_builtin_shapes(prefix="test_shapes_reg", num_train=3, num_val=2, image_size=48,
                                          root=tmp_path)
     assert (train, val) == ("test_shapes_reg_train", "test_shapes_reg_val")
@@ -117,8 +122,6 @@ def test_registered_builtin_set_is_rendered_once_and_loads(tmp_path):
 
 
 def test_missing_coco_json_names_the_path_and_the_variable(tmp_path):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     # registered like detectron2's coco_2017_* names, whose files live under $DETECTRON2_DATASETS/coco
     json_file = tmp_path / "coco" / "annotations" / "instances_val2017.json"
     DatasetCatalog.register("coco_test_missing", lambda: [])
@@ -140,9 +143,6 @@ def test_register_coco_json_refuses_missing_files(tmp_path):
 
 
 def test_bitmask_mapper_crops_without_shapely(shapes):
-    import detectron2.data.transforms as T
-    from detectron2.data.datasets import load_coco_json
-
     record = load_coco_json(str(shapes / "annotations" / "train.json"), str(shapes))[0]
     mapper = BitmaskDatasetMapper(True, augmentations=[T.ResizeScale(1.5, 1.5, 64, 64), T.FixedSizeCrop((64, 64))],
                                   image_format="RGB", use_instance_mask=True, recompute_boxes=True)
@@ -153,3 +153,51 @@ def test_bitmask_mapper_crops_without_shapely(shapes):
     assert masks.shape[1:] == (64, 64) and len(inst) >= 1 and masks.flatten(1).any(1).all()
     # boxes were recomputed from the cropped masks
     assert np.allclose(inst.gt_boxes.tensor.numpy(), inst.gt_masks.get_bounding_boxes().tensor.numpy())
+
+
+# ------------------------------------------------------------------------------------------ annotation checks
+
+def _write_coco(tmp_path: Path, annotations: list[dict], size=(64, 64)) -> tuple[Path, Path]:
+    Image.fromarray(render_builtin_image(0, 64)).save(tmp_path / "a.jpg")
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "height": size[0], "width": size[1]}],
+            "annotations": [{"id": i + 1, "image_id": 1, "iscrowd": 0, "area": 1.0, **a}
+                            for i, a in enumerate(annotations)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    return tmp_path / "a.json", tmp_path
+
+
+def test_bad_boxes_and_polygons_are_dropped_or_clipped_with_one_warning(tmp_path, caplog):
+    square = [10, 10, 30, 10, 30, 30, 10, 30]
+    anns = [{"category_id": 1, "bbox": [10, 10, 20, 20], "segmentation": [square]},  # fine
+            {"category_id": 1, "bbox": [10, 10, -5, 20], "segmentation": [square]},  # negative width
+            {"category_id": 1, "bbox": [100, 100, 10, 10], "segmentation": [square]},  # outside the image
+            {"category_id": 1, "bbox": [50, 50, 30, 30], "segmentation": [[50, 50, 63, 50, 63, 63, 50, 63]]},  # clipped
+            {"category_id": 1, "bbox": [5, 5, 10, 10], "segmentation": [[5, 5, 15, 5, 25, 5]]},  # zero-area polygon
+            {"category_id": 1, "bbox": [5, 5, 10, 10], "segmentation": []}]  # empty: crashed training before
+    json_file, root = _write_coco(tmp_path, anns)
+    with caplog.at_level("WARNING"):
+        records = load_checked_coco_json(json_file, root, "test_bad_boxes")
+    kept = records[0]["annotations"]
+    assert len(kept) == 2 and kept[1]["bbox"] == [50, 50, 14, 14]
+    warnings = [r.message for r in caplog.records if "test_bad_boxes" in r.getMessage()]
+    assert len(warnings) == 1
+    text = caplog.records[-1].getMessage()
+    assert "dropped 4 annotations" in text and "1 of non-positive size" in text and "1 outside the image" in text \
+        and "2 with no usable mask polygon" in text and "clipped 1 boxes" in text
+    assert clean_annotations([{"width": 64, "height": 64, "annotations": []}], "empty") == [
+        {"width": 64, "height": 64, "annotations": []}]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_category", "has category id 7"),
+    ("broken_json", "is not valid JSON"),
+])
+def test_bad_annotation_files_are_one_line_errors(case, message, tmp_path):
+    json_file, root = _write_coco(tmp_path, [{"category_id": 7 if case == "unknown_category" else 1,
+                                              "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6, 6]]}])
+    if case == "broken_json":
+        json_file.write_text(json_file.read_text()[:-10])
+    with pytest.raises(DataError, match=message) as e:
+        load_checked_coco_json(json_file, root, f"test_{case}")
+    assert "\n" not in str(e.value)

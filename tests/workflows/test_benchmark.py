@@ -1,4 +1,5 @@
-"""The benchmark (workflows.benchmark, workflows.measure): end-to-end outputs, FLOP split, interleaving, memory probe.
+"""The benchmark (`workflows.benchmark`): end-to-end outputs, the ViTDet kernels' mode, the memory probe's check, and
+its argument errors.
 
 Correctness only: no assertion depends on how fast anything ran or how much memory it took.
 """
@@ -6,23 +7,14 @@ import json
 
 import matplotlib.image
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from fvcore.nn import FlopCountAnalysis
 
-from pretrain.evaluation.flops import sdpa_flop_handle
 from workflows import cli
 from workflows.benchmark import BenchmarkConfig, run
-from workflows.measure import PretrainWorkload, peak_memory, pretrain_flops, time_round_robin, training_tflops
 
 TINY = dict(size="tiny", input_size=32, patch_size=8, steps=2, warmup=0)
 
 
-def _workload(model: str, depth: int, ratio: float | None = None, size: int = 32) -> PretrainWorkload:
-    return PretrainWorkload("w", model, size, 8, 2, depth, 0.75, ratio)
-
-
+@pytest.mark.slow  # the benchmark end to end
 def test_pretrain_end_to_end_writes_table_json_and_plot(tmp_path):
     result = run(BenchmarkConfig(**TINY, sweep=[48], no_memory=True, output=str(tmp_path)))
     variants = ["MAE d=8", "CrossMAE p=0.25 d=12", "CrossMAE p=0.75 d=12"]
@@ -60,6 +52,7 @@ def test_input_size_not_multiple_of_patch_is_refused(tmp_path, capsys):
     assert "not multiples of the patch size 8" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the benchmark end to end
 def test_vitdet_mode_kernels_agree_and_report_ratio(tmp_path):
     result = run(BenchmarkConfig(vitdet=True, vitdet_size=64, steps=1, warmup=0, no_memory=True,
                                  output=str(tmp_path)))
@@ -72,43 +65,7 @@ def test_vitdet_mode_kernels_agree_and_report_ratio(tmp_path):
     assert "| sdpa | 64 |" in table and "| eager | 64 |" in table
 
 
-def test_flop_split_follows_the_decoders():
-    cross_25 = pretrain_flops(_workload("crossmae_vit_tiny_patch16", 12, 0.25))
-    cross_75 = pretrain_flops(_workload("crossmae_vit_tiny_patch16", 12, 0.75))
-    assert cross_25["decoder"] < cross_75["decoder"]
-    assert cross_25["encoder"] == cross_75["encoder"]
-
-    mae = [pretrain_flops(_workload("mae_vit_tiny_patch16", d)) for d in (2, 4, 8)]
-    assert mae[0]["decoder"] < mae[1]["decoder"] < mae[2]["decoder"]
-    # two more identical blocks add the same amount again
-    assert mae[2]["decoder"] - mae[1]["decoder"] == pytest.approx(2 * (mae[1]["decoder"] - mae[0]["decoder"]))
-
-    # the encoders differ only by MAE's final LayerNorm over cls + 4 visible tokens of width 192
-    norm = FlopCountAnalysis(nn.LayerNorm(192), torch.zeros(1, 5, 192)).total() / 1e9
-    assert norm > 0
-    assert mae[0]["encoder"] - cross_25["encoder"] == pytest.approx(norm, rel=1e-9)
-
-
-def test_sdpa_flop_handle_counts_two_batched_matmuls_exactly():
-    class Attend(nn.Module):
-        def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
-    analysis = FlopCountAnalysis(Attend(), (q, k, v))
-    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
-    # q k^T: 2*3 heads x 5 x 7 x 8 multiply-adds; attn v: 2*3 x 5 x 7 x 4
-    assert analysis.total() == 2 * 3 * 5 * 7 * 8 + 2 * 3 * 5 * 7 * 4
-
-
-def test_round_robin_interleaves_and_rotates():
-    calls = []
-    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = time_round_robin(steps, warmup=1, n=3, device=torch.device("cpu"))
-    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
-
-
+@pytest.mark.slow  # the benchmark with its memory probe (fresh processes)
 def test_memory_columns_come_with_the_probe_check(tmp_path):
     # How much memory a step takes is the benchmark's to report, not a test's to assert; the benchmark checks its
     # own probe against a known allocation and prints the result, which must be there whenever memory is shown
@@ -117,8 +74,3 @@ def test_memory_columns_come_with_the_probe_check(tmp_path):
     assert all(r["peak_mib"] >= r["step_mib"] >= 0 for r in rows)
     header = (tmp_path / "benchmark.md").read_text().split("\n\n| input")[0]
     assert "memory probe check: a 256 MiB allocation in a fresh process reads as" in header
-
-
-def test_training_tflops_convention():
-    # 3 x forward, 2 FLOPs per multiply-add: 10 GFLOPs(fma) x 100 img/s -> 6 TFLOP/s
-    assert training_tflops(10.0, 100.0) == pytest.approx(6.0)

@@ -1,21 +1,28 @@
 """Released weights by name, against a local HTTP server on 127.0.0.1: the first use downloads and verifies, the
 second reuses the file, a corrupted file is refused, an unreachable host gets one line naming the URL and where to
 place the file; a name goes wherever a weights path goes."""
+import argparse
 import hashlib
 import http.server
 import socket
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
+import detection  # noqa: F401  (makes detectron2 v0.6 importable)
+from detection.checkpointer import SafeCheckpointer
 from detection.cli import convert as convert_main
-from pretrain.weights import releases
+from detection.vit import ViT
+from pretrain import cli
 from pretrain.errors import CheckpointError
 from pretrain.models import build_model
-from pretrain.weights.releases import fetch, Release, RELEASES, resolve_weights
+from pretrain.weights import releases
 from pretrain.weights.loading import load_encoder, load_pretrain_model
+from pretrain.weights.releases import RELEASES, Release, fetch, resolve_weights
 
 TINY = dict(img_size=32, patch_size=8, depth=2, decoder_depth=1)
 
@@ -141,14 +148,6 @@ def test_a_name_goes_wherever_a_path_goes(server, tmp_path, monkeypatch, capsys)
 
 
 def test_a_name_goes_into_train_net_init(server, tmp_path, monkeypatch):
-    from functools import partial
-
-    import torch.nn as nn
-
-    import detection  # noqa: F401  (makes detectron2 v0.6 importable)
-    from detection.checkpointer import SafeCheckpointer
-    from detection.vit import ViT
-
     release, _ = _publish(server, tmp_path)
     monkeypatch.setitem(RELEASES, release.name, release)
     model = nn.Module()
@@ -161,10 +160,6 @@ def test_a_name_goes_into_train_net_init(server, tmp_path, monkeypatch):
 
 
 def test_a_release_storing_args_needs_trust_pickle_in_every_tool(server, tmp_path, monkeypatch, capsys):
-    import argparse
-
-    from pretrain import cli
-
     release, _ = _publish(server, tmp_path)
     path = tmp_path / "www" / "mae_vit_test.pth"
     torch.save({**torch.load(path, weights_only=True), "args": argparse.Namespace(lr=1.5e-4)}, path)  # as MAE saves

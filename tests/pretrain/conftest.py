@@ -1,0 +1,17 @@
+"""Fixtures of the pretraining tests in more than one sub-folder."""
+import pytest
+import torch
+
+from pretrain.models import build_model
+
+TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """`tiny_model(name, seed=0, **kw)`: a registered model with a 2-block, 32-wide encoder and a 2-block decoder at
+    32 px (16 patches of 8 px), built under `torch.manual_seed(seed)`, in eval mode."""
+    def build(name: str, seed: int = 0, **kw):
+        torch.manual_seed(seed)
+        return build_model(name, img_size=32, decoder_depth=2, **{**TINY, **kw}).eval()
+    return build

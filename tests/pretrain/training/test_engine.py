@@ -1,0 +1,52 @@
+"""One training epoch (`pretrain.training.engine`): gradient accumulation as the official trainers do it, and the
+partial last group."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pretrain.errors import ConfigError
+from pretrain.training.config import load_config
+from pretrain.training.engine import optimizer_steps_per_epoch, train_one_epoch
+from pretrain.training.trainer import run
+
+
+class _Scalar(torch.nn.Module):
+    """loss = w * x for a scalar batch x: each iteration's gradient is its own x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, imgs: torch.Tensor):
+        return SimpleNamespace(loss=self.w * imgs.sum())
+
+
+@pytest.mark.parametrize("step_partial, expected_steps, expected_w", [
+    (False, 2, -((1 + 2) / 2 + (3 + 4) / 2)),  # official: iteration 5 (a group of 1) never reaches the weights
+    (True, 3, -((1 + 2) / 2 + (3 + 4) / 2 + 5 / 2)),  # stepped on, its loss still divided by accum_iter
+])
+def test_last_partial_accumulation_group(step_partial, expected_steps, expected_w):
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(model.w.item()))
+    loader = [(torch.tensor([float(x)]), torch.tensor([0])) for x in (1, 2, 3, 4, 5)]
+    cfg = {"accum_iter": 2, "warmup_epochs": 0, "epochs": 1, "min_lr": 1.0, "log_every": 1}
+    if step_partial:
+        cfg["step_partial_accum"] = True
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), 0, cfg, peak_lr=1.0)
+    assert len(steps) == expected_steps == optimizer_steps_per_epoch(5, 2, step_partial)
+    assert model.w.item() == pytest.approx(expected_w)
+    assert model.w.grad is None  # nothing left over for the next epoch
+    # the dropped group's loss is still logged: w is 0, 0, -1.5, -1.5, -5 when the five losses are computed
+    assert stats["loss"] == pytest.approx((0 + 0 - 1.5 * 3 - 1.5 * 4 - 5 * 5) / 5)
+    assert optimizer_steps_per_epoch(4, 2, step_partial) == 2
+
+
+def test_default_is_the_official_accumulation_and_refuses_an_epoch_without_steps(tmp_path, tiny_cfg):
+    assert load_config([])["step_partial_accum"] is False
+    assert load_config(["--step_partial_accum"])["step_partial_accum"] is True
+    with pytest.raises(ConfigError, match="optimizer would never step"):  # 16 images / batch 4 = 4 iterations
+        run(tiny_cfg(tmp_path, accum_iter=8, epochs=1))
