@@ -1,13 +1,15 @@
 """Pretraining configuration (`pretrain.training.config`): flags over recipes over defaults, recipe bases, value
-checks as one-line errors, the shipped recipes, `--use_fm`, and the learning-rate rule."""
+checks as one-line errors, the shipped recipes against the papers' and the released runs' settings, `--use_fm`, and
+the learning-rate rule."""
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
 
 from pretrain.errors import ConfigError
 from pretrain.models import create_model
-from pretrain.training.config import DEFAULTS, load_config, resolve_lr
+from pretrain.training.config import DEFAULTS, load_config, load_recipe, resolve_lr
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
@@ -35,10 +37,85 @@ def test_bad_config_is_a_one_line_error(argv, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_shipped_recipes_load():
-    for recipe in sorted((ROOT / "configs" / "pretrain").glob("*.yaml")):
-        cfg = load_config(["--config", str(recipe), "--data_path", "builtin"])
-        assert cfg["model"].split("_")[0] in ("mae", "crossmae"), recipe
+class Recipe(NamedTuple):
+    model: str | None  # None: a base that names no model (the per-model recipes merge over it)
+    processes: int  # the number of processes (GPUs) the recipe is meant for
+    batch: int  # effective batch: batch_size x accum_iter x processes
+    lr: float  # absolute lr, resolve_lr: blr x batch / 256, for CrossMAE x prediction / mask ("proportional")
+    epochs: int
+    warmup: int
+    mask: float
+    prediction: float | None  # CrossMAE's prediction (official: kept mask) ratio
+    lr_rule: str | None  # CrossMAE's lr_prediction_scale
+    size: int = 224
+
+
+# blr 1.5e-4 x 4096 / 256 = 2.4e-3; CrossMAE's "proportional" rule (its trainer's default, main_pretrain.py:
+# lr = kept_mask_ratio / mask_ratio x blr x eff_batch / 256) leaves it at prediction 0.75 and gives 2.4e-3 / 3 = 8e-4
+# at prediction 0.25. Every ImageNet recipe: weight decay 0.05, normalised-pixel loss (checked below).
+RECIPES = {
+    # facebookresearch/mae PRETRAIN.md and the MAE paper: blr 1.5e-4, effective batch 4096 (64 per GPU x 64 GPUs;
+    # here 512 x 8, imagenet_800ep.yaml's comment), 800 epochs, 40 warm-up, mask 0.75, weight decay 0.05. The base
+    # names no model; its lr is resolved with DEFAULTS' model (a CrossMAE at prediction = mask: no factor).
+    "imagenet_800ep.yaml": Recipe(None, 8, 4096, 2.4e-3, 800, 40, 0.75, None, None),
+    "mae_vit_base_800ep.yaml": Recipe("mae_vit_base_patch16", 8, 4096, 2.4e-3, 800, 40, 0.75, None, None),
+    "mae_vit_large_800ep.yaml": Recipe("mae_vit_large_patch16", 8, 4096, 2.4e-3, 800, 40, 0.75, None, None),
+    "mae_vit_huge_800ep.yaml": Recipe("mae_vit_huge_patch14", 8, 4096, 2.4e-3, 800, 40, 0.75, None, None),
+    # MAE released no ViT-S: the MAE recipe on ViT-S, the CrossMAE paper's MAE baseline
+    "mae_vit_small_800ep.yaml": Recipe("mae_vit_small_patch16", 8, 4096, 2.4e-3, 800, 40, 0.75, None, None),
+    # the CrossMAE paper's 400-epoch ablation schedule (20 warm-up epochs), for both methods
+    "mae_vit_small_400ep.yaml": Recipe("mae_vit_small_patch16", 8, 4096, 2.4e-3, 400, 20, 0.75, None, None),
+    "mae_vit_base_400ep.yaml": Recipe("mae_vit_base_patch16", 8, 4096, 2.4e-3, 400, 20, 0.75, None, None),
+    "crossmae_vit_small_400ep.yaml": Recipe("crossmae_vit_small_patch16", 8, 4096, 2.4e-3, 400, 20, 0.75, 0.75,
+                                            "proportional"),
+    "crossmae_vit_base_400ep.yaml": Recipe("crossmae_vit_base_patch16", 8, 4096, 2.4e-3, 400, 20, 0.75, 0.75,
+                                           "proportional"),
+    # TonyLianLong/CrossMAE README: the released ViT-S/B/L are trained 800 epochs at mask and kept mask ratio 0.75,
+    # ViT-H at mask 0.75 and kept mask 0.25 (vith-mr0.75-kmr0.25-dd12); its pretraining commands: blr 1.5e-4,
+    # weight decay 0.05, 40 warm-up epochs, effective batch 4096 (1024 x 4 GPUs; ViT-S 512 x accum 8 x 1 GPU)
+    "crossmae_vit_small_800ep.yaml": Recipe("crossmae_vit_small_patch16", 8, 4096, 2.4e-3, 800, 40, 0.75, 0.75,
+                                            "proportional"),
+    "crossmae_vit_base_800ep.yaml": Recipe("crossmae_vit_base_patch16", 8, 4096, 2.4e-3, 800, 40, 0.75, 0.75,
+                                           "proportional"),
+    "crossmae_vit_large_800ep.yaml": Recipe("crossmae_vit_large_patch16", 8, 4096, 2.4e-3, 800, 40, 0.75, 0.75,
+                                            "proportional"),
+    "crossmae_vit_huge_800ep.yaml": Recipe("crossmae_vit_huge_patch14", 8, 4096, 8e-4, 800, 40, 0.75, 0.25,
+                                           "proportional"),
+    # the README's ViT-B pretraining command: --kept_mask_ratio 0.25 at the trainer's default lr rule (the paper's
+    # efficient setting)
+    "crossmae_vit_base_pr0.25_800ep.yaml": Recipe("crossmae_vit_base_patch16", 8, 4096, 8e-4, 800, 40, 0.75, 0.25,
+                                                  "proportional"),
+    # the README: the 448 px ViT-B is trained 400 epochs, mask and kept mask 0.75; it names no warm-up, so the
+    # recipe keeps the commands' 40 (its own comment says so)
+    "crossmae_vit_base_448_400ep.yaml": Recipe("crossmae_vit_base_patch16", 8, 4096, 2.4e-3, 400, 40, 0.75, 0.75,
+                                               "proportional", size=448),
+    # this project's CPU runs on the built-in images (no paper run): one process, 32 images, blr 1.5e-3 (the
+    # recipe's comment: lr = 1.5e-3 x 32 / 256 = 1.9e-4), 8 epochs with 1 warm-up, 96 px
+    "mae_vit_tiny_cpu.yaml": Recipe("mae_vit_tiny_patch16", 1, 32, 1.875e-4, 8, 1, 0.75, None, None, size=96),
+    "crossmae_vit_tiny_cpu.yaml": Recipe("crossmae_vit_tiny_patch16", 1, 32, 1.875e-4, 8, 1, 0.75, 0.75,
+                                         "proportional", size=96),
+}
+SHIPPED = sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(set(SHIPPED) | set(RECIPES)))
+def test_shipped_recipes_load(name):
+    # each shipped recipe, resolved as the trainer resolves it, against the row of its source; a new recipe needs
+    # its row, a row its recipe
+    assert name in SHIPPED and name in RECIPES, name
+    path, want = ROOT / "configs" / "pretrain" / name, RECIPES[name]
+    cfg = load_config(["--config", str(path), "--data_path", "builtin"])
+    assert cfg["model"].split("_")[0] in ("mae", "crossmae"), name
+    assert cfg["model"] == (want.model or DEFAULTS["model"]) and ("model" in load_recipe(path)) == bool(want.model)
+    assert cfg["batch_size"] * cfg["accum_iter"] * want.processes == want.batch
+    assert resolve_lr(cfg, world_size=want.processes) == pytest.approx(want.lr, rel=1e-12)
+    assert (cfg["epochs"], cfg["warmup_epochs"], cfg["mask_ratio"], cfg["input_size"]) == (
+        want.epochs, want.warmup, want.mask, want.size)
+    assert cfg["weight_decay"] == 0.05 and cfg["norm_pix_loss"] is True and cfg["min_lr"] == 0.0
+    if cfg["model"].startswith("crossmae") and want.model:
+        assert (cfg["prediction_ratio"], cfg["lr_prediction_scale"]) == (want.prediction, want.lr_rule)
+    else:
+        assert want.prediction is None and want.lr_rule is None
 
 
 def test_recipe_base_merges_and_refuses_cycles(tmp_path):
