@@ -86,14 +86,23 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        # refused: an object besides tensors (an unsupported GLOBAL), or a plain pickle's opcodes (a file that
+        # starts with the PROTO opcode); bytes that are no pickle at all (a text file) get the same refusal, and are
+        # called corrupt
+        if "weights only load failed" in str(e).lower() and ("GLOBAL" in str(e) or _is_pickle(path)):
             raise CheckpointError(f"{path} holds pickled Python objects besides tensors, and loading it would run "
                                   "code from the file; pass --trust-pickle only if you trust its source") from None
-        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({_first_line(e)}); "
+        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint (no pickle torch can read); "
                               "write or download it again") from None
     except Exception as e:  # noqa: BLE001 - zip, EOF and key errors of truncated or foreign files
         raise CheckpointError(f"{path} is corrupt, truncated or not a torch checkpoint ({_first_line(e)}); "
                               "write or download it again") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether a file starts as a pickle of protocol 2 or later does (its PROTO opcode, 0x80)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _first_line(e: BaseException) -> str:

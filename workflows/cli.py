@@ -9,7 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pretrain.errors import command
+from detection.probe import LEVELS, run_detector_probe
+from pretrain.errors import ConfigError, command
+from pretrain.evaluation.health import health_line
 from pretrain.evaluation.features import POOLS
 from pretrain.evaluation.objects import ObjectCrops, image_folder
 from pretrain.evaluation.probe import run_probe
@@ -96,9 +98,16 @@ def _probe_parser() -> argparse.ArgumentParser:
     f.add_argument("--trust-pickle", action="store_true",
                    help="allow weights files that unpickle Python objects (e.g. released checkpoints storing args): "
                         "only for files you trust, since loading them runs their code")
+    f.add_argument("--view", choices=("crop", "detector"), default="crop",
+                   help="crop: each object's box cropped to the encoder's input (default); detector: the whole image "
+                        "through the ViTDet backbone that --config-file builds, each box RoIAligned from --block or "
+                        "--level, as Mask R-CNN reads it")
     f.add_argument("--block", type=int, default=-1, help="encoder block whose output is used (default: the last)")
     f.add_argument("--pool", choices=POOLS, default="spatial",
-                   help="cls token, mean of the patch tokens, or the whole token grid (default)")
+                   help="crop view: cls token, mean of the patch tokens, or the whole token grid (default)")
+    f.add_argument("--level", choices=LEVELS, help="detector view: a pyramid level instead of --block (its weights "
+                   "are freshly initialised unless the checkpoint is a detectron2 one)")
+    f.add_argument("--roi-size", type=int, default=4, help="detector view: RoIAlign output side (default 4)")
     f.add_argument("--extract-batch-size", type=int, default=128)
     f.add_argument("--num-workers", type=int, default=0)
     f.add_argument("--device", default="auto")
@@ -120,9 +129,12 @@ def _probe_parser() -> argparse.ArgumentParser:
 @command
 def probe(argv: Sequence[str] | None = None) -> None:
     """Frozen-feature evaluation of any checkpoint's encoder: k-NN and linear probe, on the objects of a
-    COCO-format set (each box cropped) or on an ImageFolder with train/ and val/."""
+    COCO-format set (each box cropped, or as the detector reads it: --view detector) or on an ImageFolder with
+    train/ and val/."""
     a = _probe_parser().parse_args(argv)
-
+    if a.view == "detector":
+        _detector_probe(a)
+        return
     encoder, info = load_encoder(a.checkpoint, a.model, a.trust_pickle)
     input_size = encoder.patch_embed.img_size[0]
     if a.data_path:
@@ -142,9 +154,36 @@ def probe(argv: Sequence[str] | None = None) -> None:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the first process reports
         return
     print(info["report"], file=sys.stderr)
-    if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"feature health of block {result['block']}: {health_line(result['feature_health'][1 + result['block']])}",
+          file=sys.stderr)
+    _write_json(a.output, result)
     print(f"{Path(a.checkpoint).name}: k-NN {result['knn']['accuracy']:.3f}, linear {result['linear']['accuracy']:.3f} "
           f"({a.pool} features of block {result['block']}; {result['train_samples']} train / "
           f"{result['val_samples']} val {what}, {len(result['classes'])} classes)")
+
+
+def _detector_probe(a: argparse.Namespace) -> None:
+    """`probe --view detector`: RoI features of the ViTDet backbone that --config-file builds."""
+    if not a.config_file:
+        raise ConfigError("--view detector needs --config-file, the detectron2 config whose backbone reads the "
+                          "images (e.g. configs/demo/mask_rcnn_vit_tiny_builtin.py)")
+    if a.data_path:
+        raise ConfigError("--view detector reads the boxes of COCO-format sets; --data-path (an ImageFolder) has none")
+    train, val = object_sets(a.config_file, a.train, a.val, a.dataset)
+    source = a.level or f"block:{a.block}"
+    result = run_detector_probe(a.checkpoint, a.config_file, train, val, source=source, roi_size=a.roi_size,
+                                trust_pickle=a.trust_pickle, seed=a.seed, k=a.k, temperature=a.temperature,
+                                epochs=a.epochs, batch_size=a.batch_size, blr=a.blr, weight_decay=a.weight_decay,
+                                warmup_epochs=a.warmup_epochs, optimizer=a.optimizer)
+    last = result["feature_health"][-1]
+    print(f"feature health of the last block: {health_line(last)}", file=sys.stderr)
+    _write_json(a.output, result)
+    print(f"{Path(a.checkpoint).name}: k-NN {result['knn']['accuracy']:.3f}, linear {result['linear']['accuracy']:.3f} "
+          f"(detector view: {source} RoIAligned {a.roi_size} x {a.roi_size}; {result['train_samples']} train / "
+          f"{result['val_samples']} val objects, {len(result['classes'])} classes)")
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")

@@ -13,11 +13,49 @@ from torchvision import datasets, transforms
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, open_rgb
 from ..errors import DataError
 
-__all__ = ["ObjectCrops", "image_folder"]
+__all__ = ["read_coco_objects", "ObjectCrops", "image_folder"]
 
 
 def _normalize() -> transforms.Normalize:
     return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def read_coco_objects(json_file: str | Path) -> tuple[list[str], list[tuple[str, tuple[float, ...], int]]]:
+    """The class names of a COCO-format json, in ascending category id, and its objects as (image file name, COCO
+    box (x, y, w, h), category index); crowd annotations and boxes under one pixel are skipped.
+
+    Raises:
+        DataError: missing or broken json, no annotations, or an annotation of an unknown category or image.
+    """
+    json_file = Path(json_file)
+    if not json_file.is_file():
+        raise DataError(f"annotation file {json_file} not found; give a COCO-format json")
+    try:
+        coco = json.loads(json_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{json_file} is not valid JSON ({e}); give a COCO-format json") from None
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
+        raise DataError(f"{json_file} is not a COCO instances json (needs images, annotations, categories)")
+    cat_ids = sorted(c["id"] for c in coco["categories"])
+    classes = [next(c["name"] for c in coco["categories"] if c["id"] == i) for i in cat_ids]
+    index_of = {cid: i for i, cid in enumerate(cat_ids)}
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    objects = []
+    for ann in coco["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        if ann["category_id"] not in index_of:
+            raise DataError(f"{json_file}: annotation {ann.get('id')} has category {ann['category_id']}, which is "
+                            "not in 'categories'; fix the json")
+        if ann["image_id"] not in files:
+            raise DataError(f"{json_file}: annotation {ann.get('id')} refers to image {ann['image_id']}, which "
+                            "is not in 'images'; fix the json")
+        x, y, w, h = ann["bbox"]
+        if w >= 1 and h >= 1:
+            objects.append((files[ann["image_id"]], (x, y, w, h), index_of[ann["category_id"]]))
+    if not objects:
+        raise DataError(f"{json_file} has no usable object annotations (non-crowd boxes of at least 1 px)")
+    return classes, objects
 
 
 class ObjectCrops(Dataset):
@@ -32,36 +70,11 @@ class ObjectCrops(Dataset):
     """
 
     def __init__(self, json_file: str | Path, image_root: str | Path, input_size: int) -> None:
-        json_file, self.image_root = Path(json_file), Path(image_root)
-        if not json_file.is_file():
-            raise DataError(f"annotation file {json_file} not found; give a COCO-format json")
-        try:
-            coco = json.loads(json_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{json_file} is not valid JSON ({e}); give a COCO-format json") from None
-        if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
-            raise DataError(f"{json_file} is not a COCO instances json (needs images, annotations, categories)")
-        cat_ids = sorted(c["id"] for c in coco["categories"])
-        self.classes = [next(c["name"] for c in coco["categories"] if c["id"] == i) for i in cat_ids]
-        index_of = {cid: i for i, cid in enumerate(cat_ids)}
-        files = {im["id"]: im["file_name"] for im in coco["images"]}
-        self.items: list[tuple[str, tuple[int, int, int, int], int]] = []
-        for ann in coco["annotations"]:
-            if ann.get("iscrowd", 0):
-                continue
-            if ann["category_id"] not in index_of:
-                raise DataError(f"{json_file}: annotation {ann.get('id')} has category {ann['category_id']}, which is "
-                                "not in 'categories'; fix the json")
-            if ann["image_id"] not in files:
-                raise DataError(f"{json_file}: annotation {ann.get('id')} refers to image {ann['image_id']}, which "
-                                "is not in 'images'; fix the json")
-            x, y, w, h = ann["bbox"]
-            if w < 1 or h < 1:
-                continue
-            box = (math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h))
-            self.items.append((files[ann["image_id"]], box, index_of[ann["category_id"]]))
-        if not self.items:
-            raise DataError(f"{json_file} has no usable object annotations (non-crowd boxes of at least 1 px)")
+        self.image_root = Path(image_root)
+        self.classes, objects = read_coco_objects(json_file)
+        self.items: list[tuple[str, tuple[int, int, int, int], int]] = [
+            (file_name, (math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h)), label)
+            for file_name, (x, y, w, h), label in objects]
         self.transform = transforms.Compose([transforms.Resize((input_size, input_size),
                                                                interpolation=transforms.InterpolationMode.BICUBIC),
                                              transforms.ToTensor(), _normalize()])

@@ -28,6 +28,9 @@ from ..training.schedule import set_lr, warmup_cosine
 from ..weights.loading import load_encoder
 from ..weights.releases import resolve_weights
 from .features import cached_features, check_feature_args, file_key
+from .health import encoder_health
+
+HEALTH_SAMPLES = 64  # val images whose tokens the feature-health statistics are taken over
 
 __all__ = ["knn_classify", "LinearHead", "linear_probe", "accuracy", "score_features", "probe_summary", "run_probe"]
 
@@ -146,8 +149,9 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
     `classes`; `data_key` names them for the feature cache.
 
     Returns:
-        A JSON-ready dict: checkpoint, model, epoch, block, pool, sample and class counts, and
-        {"knn": {"k", "temperature", "accuracy"}, "linear": {..., "accuracy"}}.
+        A JSON-ready dict: checkpoint, model, epoch, block, pool, sample and class counts,
+        {"knn": {"k", "temperature", "accuracy"}, "linear": {..., "accuracy"}}, and "feature_health": the
+        `pretrain.evaluation.health.encoder_health` of the embedded input and every block over up to 64 val images.
     """
     for name, value in (("k", k), ("epochs", epochs), ("batch_size", batch_size), ("extract_batch_size",
                                                                                    extract_batch_size)):
@@ -166,6 +170,8 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
         base = f"{file_key(path)}|{data_key}|block={block}|pool={pool}|size={encoder.patch_embed.img_size}"
         train = cached_features(encoder, train_set, base + "|train", cache_dir, desc="train features", **common)
         val = cached_features(encoder, val_set, base + "|val", cache_dir, desc="val features", **common)
+        sample = torch.stack([val_set[i][0] for i in range(min(len(val_set), HEALTH_SAMPLES))]).to(dev)
+        health = encoder_health(encoder, sample)
     scores = score_features(train, train_set.labels, val, val_set.labels, num_classes, k=k, temperature=temperature,
                             device=dev, **linear_args)
     return {"checkpoint": str(checkpoint), "model": info["name"], "epoch": info["epoch"],
@@ -173,4 +179,5 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
             "block": block % len(encoder.blocks), "pool": pool, "feature_dim": train.shape[1],
             "train_samples": len(train), "val_samples": len(val), "classes": classes,
             "knn": {"k": k, "temperature": temperature, "accuracy": scores["knn"]},
-            "linear": {**linear_args, "accuracy": scores["linear"]}}
+            "linear": {**linear_args, "accuracy": scores["linear"]},
+            "feature_health": health}

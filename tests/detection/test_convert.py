@@ -234,8 +234,10 @@ def test_corrupt_bytes_are_not_blamed_on_pickles(tmp_path, one_error_line):
     torch.save({"model": {"a": torch.ones(2)}}, good)
     (tmp_path / "trunc.pth").write_bytes(good.read_bytes()[:40])
     (tmp_path / "text.pth").write_text("hello\n")
+    (tmp_path / "words.pth").write_text("not a checkpoint")  # an opcode the weights-only unpickler refuses
     (tmp_path / "empty.pth").write_bytes(b"")
-    for name, needle in (("trunc.pth", "corrupt"), ("text.pth", "corrupt"), ("empty.pth", "empty (0 bytes)")):
+    for name, needle in (("trunc.pth", "corrupt"), ("text.pth", "corrupt"), ("words.pth", "corrupt"),
+                         ("empty.pth", "empty (0 bytes)")):
         assert convert_main([str(tmp_path / name), str(tmp_path / "o.pth"), "--embed-dim", "2", "--depth",
                                       "1", "--patch-size", "8"]) == 2
         line = one_error_line(needle)

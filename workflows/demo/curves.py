@@ -13,7 +13,8 @@ from torch.utils.data import TensorDataset
 
 from pretrain.data.images import ImageFiles, mask_noise
 from pretrain.evaluation.features import extract_features
-from pretrain.evaluation.probe import score_features
+from pretrain.evaluation.health import encoder_health
+from pretrain.evaluation.probe import HEALTH_SAMPLES, score_features
 from pretrain.files import write_json_atomic
 from pretrain.training.trainer import read_log
 from pretrain.weights.loading import load_encoder, load_pretrain_model
@@ -40,7 +41,8 @@ def heldout_loss(snapshot: Path, files: Sequence[Path], seed: int = 0) -> float:
 
 def evaluate_snapshot(snapshot: Path, probes: dict[str, TensorDataset], val_files: Sequence[Path],
                       probe_cfg: dict) -> dict[str, float]:
-    """Object-probe accuracies (k-NN, linear) and held-out reconstruction loss of one snapshot's encoder."""
+    """Object-probe accuracies (k-NN, linear), held-out reconstruction loss, and the feature health of the probed
+    block over the val objects (`pretrain.evaluation.health.token_stats`) of one snapshot's encoder."""
     encoder, _ = load_encoder(snapshot)
     train, val = (extract_features(encoder, probes[split], probe_cfg["block"], probe_cfg["pool"],
                                    desc="probe features") for split in ("train", "val"))
@@ -48,19 +50,22 @@ def evaluate_snapshot(snapshot: Path, probes: dict[str, TensorDataset], val_file
                             k=probe_cfg["k"], temperature=probe_cfg["temperature"], epochs=probe_cfg["epochs"],
                             blr=probe_cfg["blr"], batch_size=probe_cfg["batch_size"],
                             warmup_epochs=probe_cfg["warmup_epochs"])
-    return {**scores, "heldout_loss": heldout_loss(snapshot, val_files)}
+    block = 1 + probe_cfg["block"] % len(encoder.blocks)  # maps: the embedded input, then each block
+    health = encoder_health(encoder, probes["val"].tensors[0][:HEALTH_SAMPLES], blocks=[block])[0]
+    return {**scores, "heldout_loss": heldout_loss(snapshot, val_files), "health": health}
 
 
 def curve(method: str, info: dict, probes: dict[str, TensorDataset], val_files: Sequence[Path], preset: dict,
           gflops: dict[str, float]) -> list[dict[str, float]]:
     """One point per snapshot: step, pretraining compute (training FLOPs = 3 x forward, all images so far) and wall
-    time so far, and the snapshot's probe accuracies and held-out loss. Points are cached in RUN_DIR/curve.json with
-    the probe settings they were made with; a point made with other settings (or none recorded) is evaluated again."""
+    time so far, and the snapshot's probe accuracies, held-out loss and feature health. Points are cached in
+    RUN_DIR/curve.json with the probe settings they were made with; a point made with other settings (or none
+    recorded, or no feature health) is evaluated again."""
     run_dir = Path(info["run_dir"])
     cache_file = run_dir / "curve.json"
     probe_cfg = dict(preset["probe"])
-    cached = ({p["snapshot"]: p for p in json.loads(cache_file.read_text()) if p.get("probe") == probe_cfg}
-              if cache_file.is_file() else {})
+    cached = ({p["snapshot"]: p for p in json.loads(cache_file.read_text())
+               if p.get("probe") == probe_cfg and "health" in p} if cache_file.is_file() else {})
     records = read_log(run_dir)
     elapsed = np.cumsum([0.0] + [r["train_epoch_time_s"] for r in records])
     batch = info["config"]["batch_size"]

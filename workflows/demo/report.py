@@ -87,6 +87,15 @@ def _probe_section(cfg: dict, numbers: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {mean_std_text([p['knn'] for p in points])} | "
                      f"{mean_std_text([p['linear'] for p in points])} | "
                      f"{mean_std_text([p['heldout_loss'] for p in points])} |")
+    lines += ["", f"Feature health of {block} over the val objects (pretraining can grow near-constant channels that "
+              "dominate every token): overall std, the largest channel mean in units of the median channel std, mean "
+              "token norm.", "", "| encoder | std | largest channel mean / median channel std | token norm |",
+              "|---|---|---|---|"]
+    for name, points in [("not pretrained (step 0)", step0)] + [(NAMES[m], final[m]) for m in METHODS]:
+        health = [p["health"] for p in points]
+        lines.append(f"| {name} | {mean_std_text([h['std'] for h in health], '.1f')} | "
+                     f"{mean_std_text([h['dominance'] for h in health], '.1f')} | "
+                     f"{mean_std_text([h['token_norm'] for h in health], '.0f')} |")
     lines += ["", "Differences (equal compute: CrossMAE's final snapshot against MAE's curve interpolated at the "
               "same pretraining FLOPs):", ""]
     lines += [f"- {k}: {describe(v)}" for k, v in numbers["probe_differences"].items()]
