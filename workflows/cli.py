@@ -33,7 +33,8 @@ def demo(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--size", choices=presets(), default="tiny",
                    help="a preset of configs/demo/*.yaml: tiny (2-core CPU), small (a CUDA device), smoke "
                         "(seconds, the pipeline in miniature)")
-    p.add_argument("--budget", help="a budget of the preset, merged over it: `long` (tiny: about 2 hours)")
+    p.add_argument("--budget", help="a budget of the preset, merged over it: "
+                                    "`long` (tiny: about 50 minutes, docs/results/demo.md)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one full run (pretraining and detection) per seed; the report gives mean ± std "
                         "(default: 0; `--seeds 0 1 2` takes three times as long)")

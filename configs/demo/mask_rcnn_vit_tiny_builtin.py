@@ -38,8 +38,7 @@ _net.pretrain_img_size = 96
 model.backbone.square_pad = image_size
 
 model.roi_heads.num_classes = len(SHAPE_CATEGORIES)
-# A quarter of ViTDet's 256 / 1024: on CPU the heads cost more than the ViT-Tiny (measured at commit 87641e9:
-# 0.46 s per iteration on 2 cores; 0.79 s at 128 / 512, where convolutions and RoIAlign took about 60% of it)
+# A quarter of ViTDet's 256 / 1024: on CPU the heads cost more than the ViT-Tiny (docs/results/demo.md)
 narrow_heads(model, channels=64, fc_dim=256)
 # At most 6 shapes an image: 32 sampled RoIs still hold the 25% positives, and 100-200 proposals cover them
 model.roi_heads.batch_size_per_image = 32
@@ -48,7 +47,7 @@ model.proposal_generator.post_nms_topk = (200, 100)
 
 train.device = "cpu"
 train.output_dir = "./output/demo_vit_tiny_builtin"
-# 600 iters * 4 images/iter / 512 images/ep = ~4.7 ep (~5 min on 2 cores). A run with another
+# 600 iters * 4 images/iter / 512 images/ep = ~4.7 ep. A run with another
 # train.max_iter keeps these steps: the demo moves them (schedule_overrides) to 8/9 and 26/27 of its run
 train.max_iter = 600
 train.eval_period = 200

@@ -16,7 +16,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def fused_by_default(device: torch.device) -> bool:
     """Whether the trainer and the benchmark use torch's fused AdamW on `device`: on CUDA and CPU, where it is one
-    kernel for all parameters (the same update as torch's default implementation, `tests/test_models.py`)."""
+    kernel for all parameters (the same update as torch's default implementation,
+    `tests/pretrain/training/test_optim.py`)."""
     return device.type in ("cuda", "cpu")
 
 
