@@ -4,7 +4,8 @@ pb1-detectron2==0.6 ships detectron2 v0.6's Python files but not `layers/csrc`, 
 setup.py cannot build. This copies the `detectron2/` package into site-packages and writes
 a dist-info (with RECORD, so `pip uninstall detectron2` or a later real install replaces it).
 
-Usage: python tools/install_d2_sdist.py pb1-detectron2-0.6.tar.gz
+Usage: python tools/install_d2_sdist.py pb1-detectron2-0.6.tar.gz [SITE]
+(SITE: another folder to install into, e.g. the GPU check's temporary site; default this Python's site-packages)
 """
 import base64
 import hashlib
@@ -14,8 +15,8 @@ import tarfile
 from pathlib import Path
 
 
-def main(sdist: str) -> None:
-    site = Path(sysconfig.get_paths()["purelib"])
+def main(sdist: str, site: str | None = None) -> None:
+    site = Path(site or sysconfig.get_paths()["purelib"])
     records = []
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
@@ -41,6 +42,6 @@ def main(sdist: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tools/install_d2_sdist.py PATH/pb1-detectron2-0.6.tar.gz")
-    main(sys.argv[1])
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python tools/install_d2_sdist.py PATH/pb1-detectron2-0.6.tar.gz [SITE]")
+    main(*sys.argv[1:])
