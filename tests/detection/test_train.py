@@ -19,6 +19,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import ImageList
+from detectron2.utils.events import EventStorage
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
@@ -265,3 +266,23 @@ def test_polygon_crops_need_shapely_and_the_demo_mapper_does_not():
     demo = LazyConfig.load(str(ROOT / "configs/demo/mask_rcnn_vit_tiny_builtin.py"))
     assert train._mapper_crops_polygons(_coco("mask_rcnn_vitdet_b_100ep").dataloader.train.mapper)
     assert not train._mapper_crops_polygons(demo.dataloader.train.mapper)
+
+
+def test_a_mask_rcnn_step_under_bf16_autocast_on_cpu():
+    """A training step of the smoke Mask R-CNN (ViTDet backbone, sdpa attention, RoIAlign, mask head) under bf16
+    autocast, as CPU autocast: the ViT runs in bf16, every loss and gradient is finite. A CPU stand-in for mixed
+    precision on the GPU (issue 25), where `tools/train_net.py` runs detectron2's AMPTrainer."""
+    cfg = LazyConfig.load(SMOKE)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    batch = next(iter(instantiate(cfg.dataloader.train)))
+    dtypes = set()
+    model.backbone.net.blocks[0].attn.qkv.register_forward_hook(lambda mod, inputs, out: dtypes.add(out.dtype))
+    with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):  # the heads log to an EventStorage
+        losses = model(batch)
+    total = sum(losses.values())
+    total.backward()
+    assert dtypes == {torch.bfloat16}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

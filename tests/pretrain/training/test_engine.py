@@ -50,3 +50,28 @@ def test_default_is_the_official_accumulation_and_refuses_an_epoch_without_steps
     assert load_config(["--step_partial_accum"])["step_partial_accum"] is True
     with pytest.raises(ConfigError, match="optimizer would never step"):  # 16 images / batch 4 = 4 iterations
         run(tiny_cfg(tmp_path, accum_iter=8, epochs=1))
+
+
+@pytest.mark.parametrize("model", ["mae_vit_tiny_patch16", "crossmae_vit_tiny_patch16"])
+def test_an_epoch_under_the_bf16_policy_forced_on_cpu(tmp_path, monkeypatch, tiny_cfg, model):
+    """CUDA's policy (bf16 autocast, `engine.autocast`) through the real trainer, as CPU autocast: the forward runs in
+    bf16, the loss and the saved fp32 weights stay finite. A CPU stand-in for the GPU's first run (issue 25)."""
+    from pretrain.training import engine, trainer
+
+    monkeypatch.setattr(engine, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    dtypes = set()
+    real = trainer.create_model
+
+    def recording(cfg):
+        m = real(cfg)
+        linear = next(mod for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+        linear.register_forward_hook(lambda mod, inputs, out: dtypes.add(out.dtype) if mod.training else None)
+        return m
+
+    monkeypatch.setattr(trainer, "create_model", recording)
+    result = run(tiny_cfg(tmp_path, model=model, epochs=1))
+    assert dtypes == {torch.bfloat16}
+    assert torch.isfinite(torch.tensor(result["epochs"][0]["loss"]))
+    weights = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)["model"]
+    floats = [v for v in weights.values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)
