@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -605,5 +606,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = CheckConfig(out=a.out, device=a.device, tiny=a.tiny, budget=a.budget, wheels=a.wheels, steps=a.steps,
                       commit=a.commit)
-    result = run_check(cfg, " ".join(["tools/gpu_check.sh", *argv]))
+    result = run_check(cfg, shlex.join(["tools/gpu_check.sh", *argv]))
     return 0 if all(s["status"] in ("ok", "skipped") for s in result["steps"]) else 1
