@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU readiness check (workflows/gpu_check.py): stack, pretraining with resume, benchmark, detection, demo.
+# The GPU readiness check (workflows/gpu_check/): stack, pretraining with resume, benchmark, detection, demo.
 # Runs from a copied working tree with no installed project: the tree goes on the Python path, and carried
 # wheels (tools/gpu_wheels.sh, folder .whl) into a temporary site.
 #

@@ -54,11 +54,11 @@ def test_a_failing_a_late_and_a_too_new_step_are_reported_and_the_rest_still_run
         check.python("-c", "import time; time.sleep(60)")
         return "never", {}
 
-    monkeypatch.setattr(gpu_check, "STEP_FUNCTIONS", {
+    monkeypatch.setattr(gpu_check.steps, "STEP_FUNCTIONS", {
         "stack": boom, "pretrain": sleeps, "benchmark": lambda c: ("not reached", {}),
         "detection": lambda c: ("fine", {"x": 1}), "demo": lambda c: ("fine too", {})})
-    monkeypatch.setitem(gpu_check.SHARES, "pretrain", 6)
-    monkeypatch.setattr(gpu_check, "MIN_TORCH", {"benchmark": (99, 0)})
+    monkeypatch.setitem(gpu_check.runner.SHARES, "pretrain", 6)
+    monkeypatch.setattr(gpu_check.runner, "MIN_TORCH", {"benchmark": (99, 0)})
     start = time.monotonic()
     code = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--wheels", "", "--budget", "480"])
     assert time.monotonic() - start < 40  # the sleeping child was killed at its step's limit
@@ -102,7 +102,7 @@ def test_carried_wheels_go_into_a_temporary_site_seen_by_the_steps(tmp_path, mon
         text = check.python("-c", "import gpucheckprobe; print('VALUE', gpucheckprobe.VALUE)")
         return text.strip().splitlines()[-1], {}
 
-    monkeypatch.setitem(gpu_check.STEP_FUNCTIONS, "pretrain", probe)
+    monkeypatch.setitem(gpu_check.steps.STEP_FUNCTIONS, "pretrain", probe)
     result = gpu_check.run_check(gpu_check.CheckConfig(out=str(tmp_path / "out"), device="cpu", tiny=True,
                                                        wheels=str(wheels), steps=("stack", "pretrain")))
     steps = {s["name"]: s for s in result["steps"]}
