@@ -98,8 +98,10 @@ def mean_std(results: list[dict]) -> tuple[dict, dict]:
     return mean, std
 
 
-def plot_ap(names: list[str], results: list[dict], path: str | Path, spread: list[dict] | None = None) -> Path:
-    """Grouped bars of bbox and segm AP / AP50 / AP75 per run; optional error bars from `spread`."""
+def plot_ap(names: list[str], results: list[dict], path: str | Path, spread: list[dict] | None = None,
+            title: str | None = None) -> Path:
+    """Grouped bars of bbox and segm AP / AP50 / AP75 per run; optional error bars from `spread`, a `title` over
+    both panels."""
     fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6), sharey=True)
     width = 0.8 / len(names)
     x = np.arange(len(METRICS))
@@ -114,6 +116,8 @@ def plot_ap(names: list[str], results: list[dict], path: str | Path, spread: lis
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("AP (%)")
     axes[-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return save_figure(fig, path, dpi=110)
 
 

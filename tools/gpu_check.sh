@@ -3,7 +3,7 @@
 # Runs from a copied working tree with no installed project: the tree goes on the Python path, and carried
 # wheels (tools/gpu_wheels.sh, folder .whl) into a temporary site.
 #
-#   bash tools/gpu_check.sh --out /tmp/gpu_check                       # on a GPU machine, 8 minutes
+#   bash tools/gpu_check.sh --out /tmp/gpu_check                       # on a GPU machine, within --budget (480 s)
 #   bash tools/gpu_check.sh --device cpu --tiny --out output/gpu_dry   # the dry run, on CPU
 #
 #   PYTHON  the interpreter (default .venv/bin/python where it exists, else python3)

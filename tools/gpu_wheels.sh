@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build the wheel folder that tools/gpu_check.sh installs on a GPU machine without a package registry.
 #
-# The lent GPU machines (Python 3.12, x86-64, torch 2.11 and most of the stack already there; see
-# README "GPU check") lack detectron2 and its pure-Python needs. This downloads exactly the versions that
-# requirements.txt pins for those, as cp312 manylinux x86-64 wheels; the two pinned needs published only as
-# sdists (fvcore; antlr4-python3-runtime 4.9.3, which omegaconf and hydra-core require) are built here into
-# pure-Python wheels; detectron2 v0.6 travels as its sdist (pb1-detectron2, Python files only), which
-# tools/install_d2_sdist.py copies into the check's temporary site.
+# The lent GPU machines (Python 3.12, x86-64, torch 2.11 and most of the stack already there; see README "GPU: the
+# readiness check") lack detectron2 and its pure-Python needs. This downloads exactly the versions that
+# requirements.txt pins for those, as cp312 manylinux x86-64 wheels; the two pinned needs published only as sdists
+# (fvcore; antlr4-python3-runtime 4.9.3, which omegaconf and hydra-core require) are built here into pure-Python
+# wheels; detectron2 v0.6 travels as its sdist (pb1-detectron2, Python files only), which tools/install_d2_sdist.py
+# copies into the check's temporary site.
 #
 #   bash tools/gpu_wheels.sh [DIR]     # default .whl (git-ignored); prints the folder's total size
 #
@@ -17,8 +17,8 @@ DIR=${1:-.whl}
 PYTHON=${PYTHON:-python3}
 CACHE=${CROSSMAE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/crossmae-vitdet}
 
-# Missing on the GPU machines (/work/.library/device/KINDS.md lists what they hold): detectron2's needs and
-# pycocotools / shapely. setuptools: v0.6 imports pkg_resources, which setuptools 81 removed, and the
+# Missing on the lent GPU machines (they hold torch, torchvision, timm, opencv, safetensors, ...): detectron2's
+# needs and pycocotools / shapely. setuptools: v0.6 imports pkg_resources, which setuptools 81 removed, and the
 # machines' version is not known.
 BINARY="pycocotools shapely iopath omegaconf hydra-core termcolor yacs setuptools"
 FROM_SDIST="fvcore"

@@ -25,6 +25,7 @@ from detection.vit import SimpleFeaturePyramid, ViT
 from pretrain import files as files_mod
 from pretrain.errors import CheckpointError
 from pretrain.models import create_model
+from pretrain.models.mae import MAE
 from pretrain.training.config import DEFAULTS
 from pretrain.weights.loading import state_dict_of
 
@@ -257,3 +258,29 @@ def test_the_converter_writes_atomically(tmp_path, monkeypatch, tiny_cfg):
     dst = tmp_path / "d2.pth"
     assert convert_main([str(src), str(dst), "--embed-dim", "32", "--depth", "2", "--patch-size", "8"]) == 130
     assert not dst.exists() and not list(tmp_path.glob(".d2.pth.*"))  # a retry is not blocked by a 0-byte file
+
+
+def test_a_pretrained_encoder_with_cls_token_reaches_vitdet_as_its_blocks_without_the_cls_token():
+    """ViTDet drops the cls token: the converted backbone (one global window, no relative positions) computes the
+    pretraining encoder's blocks on the patch tokens alone, the same weights on the same image."""
+    torch.manual_seed(0)
+    mae = MAE(img_size=32, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=2, decoder_embed_dim=8,
+              decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0).eval()
+    for p in mae.parameters():  # trained weights, not the zero-bias init: every tensor matters
+        p.data.add_(0.1 * torch.randn_like(p))
+    new_sd, _ = to_vitdet(mae.state_dict(), embed_dim=D, depth=DEPTH, patch_size=PATCH, pretrain_img_size=32)
+    vit = ViT(img_size=32, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=2, mlp_ratio=2.0,
+              norm_layer=partial(nn.LayerNorm, eps=1e-6), pretrain_img_size=32).eval()
+    missing, unexpected = vit.load_state_dict({k[len("backbone.net."):]: v for k, v in new_sd.items()}, strict=False)
+    assert missing == [] and unexpected == []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = mae.patch_embed(x) + mae.pos_embed[:, 1:]
+        for blk in mae.blocks:
+            tokens = blk(tokens)
+        want = tokens.reshape(2, 2, 2, D).permute(0, 3, 1, 2)
+        with_cls = mae.forward_features(x, torch.arange(4).expand(2, -1))[-1][:, 1:]
+        got = vit(x)["last_feat"]
+    assert torch.allclose(got, want, atol=1e-5)
+    # and the cls token does change the encoder's own output: the equality above is not vacuous
+    assert not torch.allclose(with_cls.reshape(2, 2, 2, D).permute(0, 3, 1, 2), want, atol=1e-3)

@@ -14,7 +14,7 @@ from detection.report import mean_std, plot_ap, plot_curves, plot_predictions, r
 from pretrain.analysis.figures import save_figure  # noqa: E402
 from pretrain.training.trainer import read_log  # noqa: E402
 
-from .labels import METHODS, NAMES, detector_label  # noqa: E402
+from .labels import DETECTION_EVIDENCE, METHODS, NAMES, detector_label  # noqa: E402
 from .stats import PROBES  # noqa: E402
 
 __all__ = ["plot_transfer", "write_figures"]
@@ -55,7 +55,9 @@ def write_figures(out: Path, cfg: dict, runs: list[dict], ap: dict[str, list[dic
                   f"{cfg['name']} / {cfg['budget']}: frozen features along pretraining, {len(seeds)} seed(s)")
     stats = {k: mean_std(v) for k, v in ap.items()}
     plot_ap([detector_label(k) for k in ap], [stats[k][0] for k in ap], out / "ap_bars.png",
-            [stats[k][1] for k in ap] if len(seeds) > 1 else None)
+            [stats[k][1] for k in ap] if len(seeds) > 1 else None,
+            None if cfg["detection"].get("ranks_backbones") else
+            f"a pipeline check, not a ranking of backbones ({DETECTION_EVIDENCE})")
     detection_dir = Path(first["seed_dir"]) / "detection"
     plot_curves({detector_label(k): read_metrics(detection_dir / k) for k in ap}, out / "det_loss.png",
                 f"Mask R-CNN training loss (seed {seeds[0]})", "iteration", "total loss")

@@ -15,6 +15,7 @@ from pretrain.errors import ConfigError
 
 from .curves import curve_task
 from .data import detection_sets, folder_images, pretraining_folder
+from .detector_view import detector_view
 from .detectors import convert, finetune, finished_detection
 from .labels import DETECTOR_ORDER, METHODS, NAMES, detector_run, log
 from .presets import apply_settings, load_preset
@@ -73,6 +74,10 @@ def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, t
                   finished=finished_pretraining(m, cfg, seed_out, seed, data, init)) for m in METHODS]
     tasks += [Task(f"curve_{m}", lambda r, m=m: (curve_task, (m, r[f"pretrain_{m}"], sets, cfg, gflops[m])),
                    after=[f"pretrain_{m}"]) for m in METHODS]
+    views = ("step0", *METHODS)
+    tasks += [Task(f"view_{key}", lambda r, key=key: (detector_view, (
+        key, final_weights(key, r) if key in METHODS else inits[key], seed_out / "detector_view" / f"{key}.json", sets,
+        cfg, seed)), after=[f"pretrain_{key}"] if key in METHODS else []) for key in views]
     det_tasks = []
     for name, key, frozen in detectors:
         def make(r, name=name, key=key, frozen=frozen):
@@ -98,6 +103,7 @@ def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, t
                         desc=f"seed {seed}: pretraining steps + detection iterations")
     return {"seed": seed, "pretrain": {m: results[f"pretrain_{m}"] for m in METHODS},
             "curves": {m: results[f"curve_{m}"] for m in METHODS},
+            "detector_view": {key: results[f"view_{key}"] for key in views},
             "detection": {name: results[f"detection_{name}"] for name, _, _ in detectors},
             "seed_dir": str(seed_out)}
 

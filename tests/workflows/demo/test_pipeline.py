@@ -32,6 +32,15 @@ def test_report_files_exist_and_show_all_runs(report_dir):
     for m in ("mae", "crossmae"):
         for point in run["curves"][m]:
             assert {"step", "pretrain_tflops", "pretrain_s", "knn", "linear", "heldout_loss"} <= set(point)
+    # the detector-view probe of each final encoder, read from its converted weights, with the last block's health
+    assert set(run["detector_view"]) == {"step0", "mae", "crossmae"}
+    for key, view in run["detector_view"].items():
+        assert view["settings"]["weights"].endswith(f"d2_{key}.pth") and view["view"] == "detector"
+        assert 0 <= view["knn"]["accuracy"] <= 1 and 0 <= view["linear"]["accuracy"] <= 1
+        assert view["feature_health"][-1]["token_norm"] > 0
+    assert "## Frozen encoder as the detector reads it" in text
+    assert "## Mask R-CNN on the val split: a pipeline check, not a ranking" in text
+    assert report["detection_ranks_backbones"] is False
 
 
 def test_both_methods_start_from_one_encoder_and_take_the_same_steps(report_dir):
@@ -79,6 +88,7 @@ def test_rerun_reuses_finished_steps_and_a_second_seed_gives_the_spread(report_d
     assert cli.demo(["--size", "smoke", "--output", str(report_dir), "--seeds", "0", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("done before, reusing") == 6  # seed 0: 2 pretrainings + 4 detectors; seed 1 is new
+    assert out.count("detector view") == 3  # seed 1's three encoders; seed 0's are read from their cache
     report = json.loads((report_dir / "report.json").read_text())
     assert report["seeds"] == [0, 1] and [r["seed"] for r in report["runs"]] == [0, 1]
     aps = [r["detection"]["mae"]["bbox"]["AP"] for r in report["runs"]]
