@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,16 @@ def _iters_done(run_dir: Path) -> int:
     return 0
 
 
+VIEWS = ("step0", *METHODS)  # the encoders of the detector-view probe
+
+
+def _view_tasks(cfg: dict, seed_out: Path, seed: int, sets: dict[str, tuple[str, str]], step0: Path,
+                final_weights: Callable[[str, dict], Path]) -> list[Task]:
+    """The detector-view probe of the converted step-0 encoder and of each method's final one."""
+    return [Task(f"view_{key}", lambda r, key=key: (detector_view, (
+        key, final_weights(key, r) if key in METHODS else step0, seed_out / "detector_view" / f"{key}.json", sets,
+        cfg, seed)), after=[f"pretrain_{key}"] if key in METHODS else []) for key in VIEWS]
+
 
 def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, tuple[str, str]],
              gflops: dict[str, dict[str, float]], pool: Pool | None, jobs: int,
@@ -74,10 +84,7 @@ def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, t
                   finished=finished_pretraining(m, cfg, seed_out, seed, data, init)) for m in METHODS]
     tasks += [Task(f"curve_{m}", lambda r, m=m: (curve_task, (m, r[f"pretrain_{m}"], sets, cfg, gflops[m])),
                    after=[f"pretrain_{m}"]) for m in METHODS]
-    views = ("step0", *METHODS)
-    tasks += [Task(f"view_{key}", lambda r, key=key: (detector_view, (
-        key, final_weights(key, r) if key in METHODS else inits[key], seed_out / "detector_view" / f"{key}.json", sets,
-        cfg, seed)), after=[f"pretrain_{key}"] if key in METHODS else []) for key in views]
+    tasks += _view_tasks(cfg, seed_out, seed, sets, inits["step0"], final_weights)
     det_tasks = []
     for name, key, frozen in detectors:
         def make(r, name=name, key=key, frozen=frozen):
@@ -103,7 +110,7 @@ def run_seed(cfg: dict, seed_out: Path, seed: int, data: Path, sets: dict[str, t
                         desc=f"seed {seed}: pretraining steps + detection iterations")
     return {"seed": seed, "pretrain": {m: results[f"pretrain_{m}"] for m in METHODS},
             "curves": {m: results[f"curve_{m}"] for m in METHODS},
-            "detector_view": {key: results[f"view_{key}"] for key in views},
+            "detector_view": {key: results[f"view_{key}"] for key in VIEWS},
             "detection": {name: results[f"detection_{name}"] for name, _, _ in detectors},
             "seed_dir": str(seed_out)}
 
