@@ -1,5 +1,6 @@
-"""Shared by cls_drop.py and residual_share.py (experiment records, not project code): the demo's val images and
-pretraining snapshots, from the command line both take."""
+"""Shared by the experiment records here (not project code): the demo's val images and pretraining snapshots
+(cls_drop.py, residual_share.py), and the command line that edits a detectron2 init (identity_blocks.py,
+rescale_stream.py)."""
 import argparse
 from pathlib import Path
 
@@ -21,3 +22,23 @@ def demo_encoders(description: str, snapshots: list[tuple[str, str]]):
     val = sorted((a.demo_output / "pretrain_images").iterdir())[:64]
     imgs = torch.stack([ImageFiles(val, 96)[i][0] for i in range(len(val))])
     return imgs, ((name, load_encoder(root / path)[0]) for name, path in snapshots)
+
+
+def edit_checkpoint(description: str, value_arg: tuple[str, type, str], edit, note: str) -> None:
+    """The command line of identity_blocks.py and rescale_stream.py: INPUT VALUE OUTPUT; `edit(key, tensor, value)`
+    returns the new tensor or None to keep it; writes OUTPUT with `note.format(input=..., value=...)` as author."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", type=Path, help="detectron2 checkpoint (e.g. DEMO_OUTPUT/seed0/pretrain/d2_mae.pth)")
+    name, kind, help_text = value_arg
+    p.add_argument("value", type=kind, metavar=name, help=help_text)
+    p.add_argument("output", type=Path, help="detectron2 checkpoint to write")
+    a = p.parse_args()
+    sd = dict(torch.load(a.input, weights_only=True)["model"])
+    changed = 0
+    for k in list(sd):
+        new = edit(k, sd[k], a.value)
+        if new is not None:
+            sd[k], changed = new, changed + 1
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd, "__author__": note.format(input=a.input.name, value=a.value)}, a.output)
+    print(f"{a.output}: {changed} tensors changed")

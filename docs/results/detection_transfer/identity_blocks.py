@@ -9,29 +9,21 @@ the "pixel" and "keep K" runs came from the demo's conversions, e.g.
 
 usage: identity_blocks.py INPUT K OUTPUT
 """
-import argparse
-from pathlib import Path
-
 import torch
 
+from _demo import edit_checkpoint
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, help="detectron2 checkpoint (e.g. DEMO_OUTPUT/seed0/pretrain/d2_mae.pth)")
-    p.add_argument("keep", type=int, metavar="K", help="first block made identity; blocks before it keep their weights")
-    p.add_argument("output", type=Path, help="detectron2 checkpoint to write")
-    a = p.parse_args()
-    sd = dict(torch.load(a.input, weights_only=True)["model"])
-    for k in list(sd):
-        parts = k.split(".")
-        if (k.startswith("backbone.net.blocks.") and int(parts[3]) >= a.keep
-                and (".attn.proj." in k or ".mlp.fc2." in k)):
-            sd[k] = torch.zeros_like(sd[k])
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": sd, "__author__": f"{a.input.name} blocks {a.keep}+ identity"}, a.output)
-    print(a.output)
+
+def identity(key: str, tensor: torch.Tensor, keep: int) -> torch.Tensor | None:
+    """Zero attn.proj and mlp.fc2 of the blocks from `keep` on."""
+    parts = key.split(".")
+    if (key.startswith("backbone.net.blocks.") and int(parts[3]) >= keep
+            and (".attn.proj." in key or ".mlp.fc2." in key)):
+        return torch.zeros_like(tensor)
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    edit_checkpoint(__doc__.split("\n\n")[0],
+                    ("K", int, "first block made identity; blocks before it keep their weights"), identity,
+                    "{input} blocks {value}+ identity")

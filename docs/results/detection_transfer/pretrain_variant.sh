@@ -14,12 +14,8 @@
 #   OUT_ROOT  where variants go (default ./detection_transfer_runs)
 #   THREADS   OMP_NUM_THREADS of the pretraining (default 2)
 set -euo pipefail
-if [ $# -lt 2 ]; then
-  sed -n '2,/^set /p' "$0" | sed '$d' | cut -c3-
-  exit 2
-fi
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-py=$root/.venv/bin/python
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+usage_unless 2 "$0" $#
 seed_dir=$1; name=$2; shift 2
 out_root=${OUT_ROOT:-./detection_transfer_runs}
 out=$out_root/pretrain/$name

@@ -10,31 +10,19 @@ Experiment record for docs/results/detection_transfer.md (not project code, not 
 
 usage: rescale_stream.py INPUT S OUTPUT
 """
-import argparse
-from pathlib import Path
-
 import torch
 
+from _demo import edit_checkpoint
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, help="detectron2 checkpoint (e.g. DEMO_OUTPUT/seed0/pretrain/d2_mae.pth)")
-    p.add_argument("scale", type=float, metavar="S", help="divisor of the residual stream")
-    p.add_argument("output", type=Path, help="detectron2 checkpoint to write")
-    a = p.parse_args()
-    s = a.scale
-    sd = dict(torch.load(a.input, weights_only=True)["model"])
-    n = 0
-    for k in list(sd):
-        if k.startswith("backbone.net.") and (k.startswith("backbone.net.patch_embed.") or k == "backbone.net.pos_embed"
-                                              or ".attn.proj." in k or ".mlp.fc2." in k):
-            sd[k] = sd[k] / s
-            n += 1
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": sd, "__author__": f"{a.input.name} stream / {s}"}, a.output)
-    print("scaled", n, "tensors")
+
+def rescale(key: str, tensor: torch.Tensor, s: float) -> torch.Tensor | None:
+    """Divide what writes into the stream by `s`: patch and position embedding, attn.proj, mlp.fc2."""
+    writes = key.startswith("backbone.net.patch_embed.") or key == "backbone.net.pos_embed"
+    if key.startswith("backbone.net.") and (writes or ".attn.proj." in key or ".mlp.fc2." in key):
+        return tensor / s
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    edit_checkpoint(__doc__.split("\n\n")[0], ("S", float, "divisor of the residual stream"), rescale,
+                    "{input} stream / {value}")

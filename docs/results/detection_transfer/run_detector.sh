@@ -16,12 +16,8 @@
 #   PYTHONPATH  kept: add folders with extra modules an override names, e.g. for the final-norm backbone
 #               PYTHONPATH=docs/results/detection_transfer ... model.backbone.net._target_=vit_with_norm.ViTWithNorm
 set -euo pipefail
-if [ $# -lt 4 ]; then
-  sed -n '2,/^set /p' "$0" | sed '$d' | cut -c3-
-  exit 2
-fi
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-py=$root/.venv/bin/python
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+usage_unless 4 "$0" $#
 name=$1; init=$2; iters=$3; seed=$4; shift 4
 out=${OUT_ROOT:-./detection_transfer_runs}/$name
 if [ -f "$out/ap.json" ]; then echo "$name: done before"; exit 0; fi
