@@ -120,7 +120,7 @@ def run_check(cfg: CheckConfig, command_line: str = "") -> dict[str, Any]:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     """The GPU readiness check: stack, pretraining with resume, benchmark, detection, demo; a report of each."""
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = argparse.ArgumentParser(prog="tools/gpu_check.sh", description=main.__doc__)
     p.add_argument("--out", default="output/gpu_check", help="folder for benchmark_gpu.md, gpu_check.json, "
                                                               "gpu_check.png and every step's outputs and logs")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny: the dry run)")
