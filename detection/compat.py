@@ -63,7 +63,7 @@ class _MissingExtension(types.ModuleType):
         raise MissingExtensionError(
             f"detectron2._C.{name} is unavailable: this detectron2 is the Python-only v0.6 "
             "(pb1-detectron2) without its C++/CUDA extension, so deformable conv, rotated boxes and "
-            "the fast COCO evaluator cannot run; build detectron2 from source (README, 'GPU route')"
+            "the fast COCO evaluator cannot run; build detectron2 from source (docs/install.md, 'GPU route')"
         )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import shlex
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pretrain.errors import command
+from pretrain.files import write_json_atomic, write_text_atomic
 
 from . import steps
 from .check import ROOT, STEPS, Check, CheckConfig, StepFailed, StepResult, StepSkipped, StepTimedOut
@@ -110,9 +110,9 @@ def run_check(cfg: CheckConfig, command_line: str = "") -> dict[str, Any]:
               "torch": (stack.get("versions") or {}).get("torch") or importlib.metadata.version("torch"),
               "commit": _commit(cfg), "tiny": cfg.tiny, "budget_s": cfg.budget,
               "total_s": time.monotonic() - begin, "steps": [asdict(r) for r in results]}
-    (check.out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(check.out / "gpu_check.json", result, indent=1)
     plot_check(result, check.out / "gpu_check.png")
-    (check.out / "benchmark_gpu.md").write_text(report_text(result))
+    write_text_atomic(check.out / "benchmark_gpu.md", report_text(result))
     print(f"wrote {check.out / 'benchmark_gpu.md'}, gpu_check.json, gpu_check.png", flush=True)
     return result
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pretrain.training.trainer import read_log
 
 from .check import ROOT, Check, CheckConfig, StepFailed, StepSkipped, StepTimedOut
 
@@ -108,11 +111,6 @@ def _pretrain_recipe(check: Check, method: str) -> Path:
     return path
 
 
-def _read_log(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "log.txt"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def step_pretrain(check: Check) -> tuple[str, dict[str, Any]]:
     details: dict[str, Any] = {}
     failures = []
@@ -133,14 +131,14 @@ def step_pretrain(check: Check) -> tuple[str, dict[str, Any]]:
                 raise StepTimedOut(f"{method}: {e}") from None
             failures.append(f"{method}: {e}")
             continue
-        a, b = _read_log(full), _read_log(resumed)
+        a, b = read_log(full), read_log(resumed)
         losses = [r["train_loss"] for r in a]
         last_a, last_b = a[-1]["train_loss"], b[-1]["train_loss"] if b else float("nan")
         diff = abs(last_a - last_b) / max(abs(last_a), 1e-12)
         details[method] = {"losses": losses, "resumed_loss": last_b, "relative_difference": diff,
                            "images_per_s": [r["train_images_per_s"] for r in a],
                            "epoch_time_s": [r["train_epoch_time_s"] for r in a]}
-        if not all(map(_finite, losses + [last_b])):
+        if not all(map(math.isfinite, losses + [last_b])):
             failures.append(f"{method}: non-finite loss {losses + [last_b]}")
         elif diff > RESUME_RTOL:
             failures.append(f"{method}: resumed loss {last_b:.6g} vs uninterrupted {last_a:.6g} "
@@ -152,10 +150,6 @@ def step_pretrain(check: Check) -> tuple[str, dict[str, Any]]:
              f"{d['images_per_s'][-1]:.1f} img/s" for m, d in details.items()]
     spec = PRETRAIN[check.cfg.tiny]
     return f"ViT-{spec['size']} at {spec['input_size']} px, batch {spec['batch_size']}: " + "; ".join(parts), details
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 # -------------------------------------------------------------------------------------------------- 3. benchmark
