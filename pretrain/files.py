@@ -14,7 +14,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,9 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
-__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "read_checkpoint"]
+__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "check_output_file",
+           "read_checkpoint"]
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -59,6 +60,58 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     """Write `obj` as JSON (and a final newline) to `path`, atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def check_output_file(path: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False) -> None:
+    """Refuse, before any work, an output file that would destroy data or cannot be written: the check of every
+    tool that writes a file the user names (it then writes with `write_atomic`).
+
+    Refused whatever `overwrite` says: the same file as one of `inputs` (also through a link), an existing folder,
+    device, fifo or socket, a path under a file or in a folder where no file can be created (e.g. `/proc`); an
+    existing file unless `overwrite`. A symbolic link is replaced by the new file; its target is kept.
+
+    Args:
+        path: the output file the user named.
+        inputs: the files the tool reads; None and paths that do not exist are skipped.
+        overwrite: the user's `--overwrite`: replace an existing regular file.
+
+    Raises:
+        ConfigError: one line naming the path and what to do instead.
+    """
+    if str(path).endswith(("/", os.sep)):
+        raise ConfigError(f"output {path} names a folder (it ends in '/'); give a file name")
+    path = Path(path)
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source)):
+            raise ConfigError(f"output {path} is also an input ({source}); write to another path")
+    if path.is_dir():
+        raise ConfigError(f"output {path} is a folder; give a file name (inside it, if you like)")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"output {path} is not a regular file (a device, fifo or socket); give another path")
+    if os.path.lexists(path) and not overwrite:
+        raise ConfigError(f"output {path} exists; pass --overwrite to replace it, or give another path")
+    folder = path.parent
+    while not os.path.lexists(folder):  # the folder write_atomic would create the rest under
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder, so output {path} cannot be written under it; give another path")
+    try:  # whether a file can be created there (permissions, a read-only file system, /proc), as write_atomic does
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ConfigError(f"cannot write output {path} ({e.strerror} in {folder}); give a path in a writable "
+                          "folder") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode if both exist (links included), else the same resolved path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:  # a link loop, a path too long
+        return False
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
