@@ -9,7 +9,8 @@ from pathlib import Path
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.engine import default_argument_parser, launch
 
-from pretrain.errors import UserError, command, one_line
+from pretrain.errors import ConfigError, UserError, command, one_line
+from pretrain.files import check_output_file, write_text_atomic
 from pretrain.weights.formats import summarize
 
 from .convert import convert_checkpoint
@@ -133,10 +134,16 @@ def compare_backbones(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--names", nargs="+", help="row labels (default: the dir names)")
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --plot and --markdown files if they exist")
     args = p.parse_args(argv)
     names = args.names or [Path(d).name for d in args.dirs]
     if len(names) != len(args.dirs):
         p.error(f"{len(names)} --names for {len(args.dirs)} dirs; give one name per dir")
+    inputs = [Path(d) / "ap.json" for d in args.dirs]
+    for output in filter(None, (args.plot, args.markdown)):
+        check_output_file(output, inputs, args.overwrite)
+    if args.plot and args.markdown and Path(args.plot).resolve() == Path(args.markdown).resolve():
+        raise ConfigError(f"--plot and --markdown name one file, {args.plot}; give two paths")
     results = [scored(load_ap(d)) for d in args.dirs]
     table = ap_table(names, results)
     empty = [f"{name} ({t})" for name, r in zip(names, results) for t in TASKS if r.get(t, {}).get("no_detections")]
@@ -144,6 +151,6 @@ def compare_backbones(argv: Sequence[str] | None = None) -> None:
         table += "\n\nNo detections at all, scored 0 AP: " + ", ".join(empty)
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+        write_text_atomic(args.markdown, table + "\n")
     if args.plot:
         print(f"plot: {plot_ap(names, results, args.plot)}")

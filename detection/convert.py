@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from pretrain.errors import CheckpointError, ConfigError
-from pretrain.files import save_atomic
+from pretrain.errors import CheckpointError
+from pretrain.files import check_output_file, save_atomic
 from pretrain.weights.fit import encoder_shape, encoder_state_dict, fit_encoder, pos_embed_grid
 from pretrain.weights.formats import LoadReport, grouped
 from pretrain.weights.loading import read_weights
+from pretrain.weights.releases import weights_file
 
 __all__ = ["to_vitdet", "to_detectron2_checkpoint", "target_from_vit", "convert_checkpoint"]
 
@@ -123,18 +124,17 @@ def convert_checkpoint(source: str | Path, output: str | Path, target: Mapping[s
         output: the detectron2 checkpoint to write; never left half-written.
         target: `TARGET_KEYS` values to check or fit (None: kept as the file has it), e.g. from `target_from_config`.
         trust_pickle: allow a pickle with Python objects in `source` (the user trusts it).
-        overwrite: replace an existing `output`.
+        overwrite: replace an existing `output` (never `source` itself, a folder or a device).
 
     Returns:
         The `LoadReport`: layout, kept and dropped input keys, resampled tensors.
 
     Raises:
         CheckpointError: unreadable source, no encoder, or an encoder that does not fit `target`.
-        ConfigError: `output` exists and `overwrite` is False.
+        ConfigError: `output` cannot or may not be written (`pretrain.files.check_output_file`; before `source` is
+            read).
     """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ConfigError(f"{output} exists; pass --overwrite to replace it")
+    check_output_file(output, (source, weights_file(source)), overwrite)
     weights = read_weights(source, trust_pickle=trust_pickle)
     new_sd, report = to_vitdet(weights.state_dict, **target, source=str(source), layout=weights.layout)
     save_atomic(to_detectron2_checkpoint(new_sd, source=Path(str(source)).name), output)

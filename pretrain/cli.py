@@ -51,9 +51,11 @@ def export_encoder(argv: Sequence[str] | None = None) -> None:
     p.add_argument("checkpoint", help="pretraining checkpoint (this project's, a released MAE / CrossMAE one in any "
                                       "layout the project reads, or a released-weights name)")
     p.add_argument("output", help="where to write the encoder-only file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT if it is an existing file (never CHECKPOINT itself, a folder or a device)")
     _trust_pickle_arg(p)
     args = p.parse_args(argv)
-    kept, dropped = export(args.checkpoint, args.output, args.trust_pickle)
+    kept, dropped = export(args.checkpoint, args.output, args.trust_pickle, args.overwrite)
     print(f"wrote {kept} encoder tensors to {args.output}; dropped {dropped} decoder keys")
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -15,8 +14,10 @@ from pretrain.evaluation.health import health_line
 from pretrain.evaluation.features import POOLS
 from pretrain.evaluation.objects import ObjectCrops, image_folder
 from pretrain.evaluation.probe import run_probe
+from pretrain.files import check_output_file, write_json_atomic
 from pretrain.models import VIT_SIZES
 from pretrain.weights.loading import load_encoder
+from pretrain.weights.releases import weights_file
 
 from .benchmark import BenchmarkConfig
 from .benchmark import run as run_benchmark
@@ -124,6 +125,8 @@ def _probe_parser() -> argparse.ArgumentParser:
     q.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd", help="sgd (momentum 0.9) or MAE's LARS")
     q.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the --output file if it exists (never an input, a folder or a device)")
     return p
 
 
@@ -133,6 +136,9 @@ def probe(argv: Sequence[str] | None = None) -> None:
     COCO-format set (each box cropped, or as the detector reads it: --view detector) or on an ImageFolder with
     train/ and val/."""
     a = _probe_parser().parse_args(argv)
+    if a.output:
+        inputs = (a.checkpoint, weights_file(a.checkpoint), a.config_file, *(spec[1] for spec in a.dataset))
+        check_output_file(a.output, inputs, a.overwrite)
     if a.view == "detector":
         _detector_probe(a)
         return
@@ -186,5 +192,4 @@ def _detector_probe(a: argparse.Namespace) -> None:
 
 def _write_json(path: str | None, result: dict) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(path, result)

@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError
-from ..files import read_checkpoint, save_atomic
+from ..files import check_output_file, read_checkpoint, save_atomic
 from ..models import VIT_SIZES, CrossMAE, build_model, create_model, list_models, model_info, size_of_width
 from ..models.encoder import MaskedViTEncoder
 from .fit import encoder_shape, encoder_state_dict, fit_encoder, load_model_weights, pos_embed_grid
 from .formats import LoadReport, family_of, grouped, import_state_dict, is_detectron2
-from .releases import release_of, resolve_weights
+from .releases import release_of, resolve_weights, weights_file
 
 __all__ = ["Weights", "read_weights", "state_dict_of", "model_family", "infer_architecture", "load_pretrain_model",
            "load_encoder", "load_encoder_into", "export_encoder"]
@@ -280,17 +280,26 @@ def _pretrain_model(weights: Weights, model_name: str | None, mask_ratio: float 
     return model.eval(), info
 
 
-def export_encoder(checkpoint: str | Path, output: str | Path, trust_pickle: bool = False) -> tuple[int, int]:
+def export_encoder(checkpoint: str | Path, output: str | Path, trust_pickle: bool = False,
+                   overwrite: bool = False) -> tuple[int, int]:
     """Write the encoder of a weights file (any layout, or a release name) as `{"model": encoder_state_dict,
     "meta": {...}}`, the layout of MAE's released `mae_pretrain_vit_*.pth` (timm names, so timm and the detectron2
     converter read it).
+
+    Args:
+        checkpoint: the weights file or released-weights name to read.
+        output: the file to write, atomically; see `pretrain.files.check_output_file` for what is refused.
+        trust_pickle: allow a pickle with Python objects in `checkpoint` (the user trusts it).
+        overwrite: replace an existing `output` (never `checkpoint` itself, a folder or a device).
 
     Returns:
         (tensors written, keys dropped).
 
     Raises:
         CheckpointError: the file holds no ViT encoder.
+        ConfigError: `output` cannot or may not be written (before `checkpoint` is read).
     """
+    check_output_file(output, (checkpoint, weights_file(checkpoint)), overwrite)
     weights = read_weights(checkpoint, trust_pickle)
     _refuse_detectron2(weights, "give a pretraining checkpoint")
     ckpt = weights.checkpoint if isinstance(weights.checkpoint, dict) else {}

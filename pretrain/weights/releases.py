@@ -29,7 +29,7 @@ from torch.hub import download_url_to_file
 from ..errors import CheckpointError
 
 __all__ = ["Release", "RELEASES", "NOT_RELEASED", "weights_dir", "is_release_name", "release_of", "resolve_weights",
-           "fetch"]
+           "weights_file", "fetch"]
 
 logger = logging.getLogger("pretrain.weights.releases")
 
@@ -168,11 +168,22 @@ def resolve_weights(value: str | Path, releases: dict[str, Release] | None = Non
         return fetch(release, progress=progress)
     text = str(value)
     if Path(value).is_dir():
-        return next((Path(value) / f for f in _SAVED_FOLDER if (Path(value) / f).is_file()), Path(value))
+        return weights_file(value, releases)
     if not Path(value).exists() and _NAME.match(text):  # a bare name, not a path: say which names exist
         if text in NOT_RELEASED:
             raise CheckpointError(f"{text}: {NOT_RELEASED[text]}")
         raise CheckpointError(f"{text} is neither a file nor a released-weights name; names: {', '.join(releases)}")
+    return Path(value)
+
+
+def weights_file(value: str | Path, releases: dict[str, Release] | None = None) -> Path:
+    """The file `resolve_weights(value)` reads, found without downloading: a release's place in the cache, the
+    weights file of a `save_pretrained` folder, else `value` as a path (e.g. an input an output must not replace)."""
+    release = release_of(value, releases)
+    if release is not None:
+        return weights_dir() / release.filename
+    if Path(value).is_dir():
+        return next((Path(value) / f for f in _SAVED_FOLDER if (Path(value) / f).is_file()), Path(value))
     return Path(value)
 
 

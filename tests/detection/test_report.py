@@ -1,5 +1,6 @@
 """Comparing detection runs (`detection.report`, `detection.cli.compare_backbones`): the AP table with its spread,
-the plot, runs without detections scored 0 AP, the predictions shown per image."""
+the plot, runs without detections scored 0 AP, no file replaced without --overwrite, the predictions shown per
+image."""
 import json
 
 import pytest
@@ -41,6 +42,25 @@ def test_compare_backbones_scores_a_run_without_detections_as_zero(tmp_path, cap
     assert "| null | 0.0 (-1.5) | 0.0 (-4.0) | 0.0 (-0.5) | 0.4 (-0.6) |" in out
     assert "| nan | 0.0 (-1.5) |" in out and "n/a" in out.split("| nan |")[1]  # segm missing: still n/a
     assert out.strip().endswith("No detections at all, scored 0 AP: null (bbox), nan (bbox)")
+
+
+def test_compare_backbones_replaces_no_file_without_overwrite_and_never_an_ap_json(tmp_path, one_error_line):
+    ap = '{"bbox": {"AP": 1.5, "AP50": 4.0, "AP75": 0.5}, "segm": {}}'
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ap.json").write_text(ap)
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    (tmp_path / "notes.md").write_text("mine")
+    assert compare_backbones([*runs, "--markdown", str(tmp_path / "notes.md")]) == 2
+    one_error_line("notes.md exists; pass --overwrite")
+    assert compare_backbones([*runs, "--plot", str(tmp_path / "a" / "ap.json"), "--overwrite"]) == 2
+    one_error_line("is also an input")
+    assert compare_backbones([*runs, "--plot", str(tmp_path / "notes.md"), "--markdown", str(tmp_path / "notes.md"),
+                              "--overwrite"]) == 2
+    one_error_line("--plot and --markdown name one file")
+    assert (tmp_path / "notes.md").read_text() == "mine" and (tmp_path / "a" / "ap.json").read_text() == ap
+    assert compare_backbones([*runs, "--markdown", str(tmp_path / "notes.md"), "--overwrite"]) == 0
+    assert (tmp_path / "notes.md").read_text().startswith("|")
 
 
 def test_top_detections_ranks_filters_and_cuts_per_image():

@@ -1,5 +1,6 @@
 """The workflows command lines (`workflows.cli`): the probe tool (JSON and one line, cached features, one-line errors,
-extraction across two processes, no code run from a weights file), and the demo's argument errors.
+extraction across two processes, no code run from a weights file, no file replaced without --overwrite), and the
+demo's argument errors.
 
 The weights-file case failed (ran the payload) before the fix it guards.
 """
@@ -56,7 +57,7 @@ def test_cli_writes_json_and_one_line_and_reuses_cached_features(probe_shapes, t
         raise AssertionError("features were extracted again instead of read from the cache")
 
     monkeypatch.setattr(features_module, "extract_features", no_extraction)
-    assert cli.probe(args) == 0
+    assert cli.probe([*args, "--overwrite"]) == 0
     assert json.loads((tmp_path / "probe.json").read_text()) == result
 
 
@@ -85,6 +86,25 @@ def test_bad_input_is_a_one_line_error(case, message, probe_shapes, tmp_path, ca
     assert cli.probe(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("case, message", [("existing", "exists; pass --overwrite"), ("the input", "is also an input"),
+                                           ("under a file", "is not a folder")])
+def test_output_that_would_replace_a_file_or_cannot_be_written_is_refused_first(case, message, probe_shapes, tmp_path,
+                                                                                 monkeypatch, tiny_checkpoint,
+                                                                                 one_error_line):
+    ckpt = tiny_checkpoint(tmp_path / "m.pth")
+    (tmp_path / "kept.pth").write_bytes(ckpt.read_bytes())
+    output, extra = {"existing": (tmp_path / "kept.pth", []), "the input": (ckpt, ["--overwrite"]),
+                     "under a file": (ckpt / "probe.json", ["--overwrite"])}[case]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the probe ran before checking its --output")
+
+    monkeypatch.setattr(cli, "load_encoder", no_work)
+    assert cli.probe(_probe_args(probe_shapes, ckpt, tmp_path, "--output", str(output), *extra)) == 2
+    one_error_line(message)
+    assert ckpt.read_bytes() == (tmp_path / "kept.pth").read_bytes()
 
 
 @pytest.mark.slow  # one process, then two under torchrun
