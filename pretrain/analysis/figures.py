@@ -10,18 +10,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ..files import write_atomic  # noqa: E402
 
 _GREY = 0.5  # fill for patches that are neither visible nor predicted
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    """Lay out, write atomically (creating the folder) and close a matplotlib figure, in the format its suffix
+    names (PNG without one); returns the path."""
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=dpi))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -1,15 +1,18 @@
 """The analysis tools (`pretrain.analysis.report` through `pretrain.cli`): reconstruction grids from any pretraining
-checkpoint, the attention table and CrossMAE's feature weights, and a wrong kind of file as a one-line error."""
+checkpoint, the attention table and CrossMAE's feature weights, a wrong kind of file as a one-line error, and figures
+written atomically."""
 import csv
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pretrain import cli
+from pretrain.analysis.figures import save_figure
 from pretrain.analysis.attention import MASK, mae_attention_mass
 from pretrain.data.images import Builtin, mask_noise, render_builtin_image
 from pretrain.models import create_model
@@ -135,3 +138,21 @@ def test_analyze_attention_crossmae_reports_feature_weights(tmp_path, capsys):
     weights = torch.load(ckpt, weights_only=True)["model"]["wfm.linear.weight"].numpy()
     np.testing.assert_allclose(table, weights, rtol=1e-6)
     assert not (out / "attention.json").exists()
+
+
+def test_a_figure_that_fails_to_render_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ap.png"
+    path.write_bytes(b"earlier figure")
+    fig = plt.figure()
+
+    def broken(*args, **kwargs):
+        if args and hasattr(args[0], "write"):
+            args[0].write(b"half")
+        else:
+            Path(args[0]).write_bytes(b"half")
+        raise RuntimeError("renderer failed")
+
+    monkeypatch.setattr(fig, "savefig", broken)
+    with pytest.raises(RuntimeError):
+        save_figure(fig, path)
+    assert path.read_bytes() == b"earlier figure" and [p.name for p in tmp_path.iterdir()] == ["ap.png"]
