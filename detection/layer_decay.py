@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from pretrain.training.layer_decay import layer_scale, vit_layer_id
+
 __all__ = ["get_vit_lr_decay_rate", "get_optimizer_params"]
 
 # detectron2's `norm_module_types`: their parameters get `weight_decay_norm`.
@@ -44,7 +46,8 @@ def get_vit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers: int
 
     Under `backbone`: `.pos_embed` / `.patch_embed` sit at layer 0, `.blocks.{i}.` (but not its conv
     `.residual.` branch) at layer i + 1; everything else (pyramid, heads, residual branches) at
-    layer num_layers + 1. The factor is `lr_decay_rate ** (num_layers + 1 - layer)`.
+    layer num_layers + 1. The factor is `lr_decay_rate ** (num_layers + 1 - layer)`: the rule of
+    `pretrain.training.layer_decay`, which fine-tuning shares.
 
     Args:
         name: Full parameter name, e.g. "backbone.net.blocks.3.attn.qkv.weight".
@@ -55,12 +58,12 @@ def get_vit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers: int
         The multiplier for this parameter's learning rate.
     """
     layer = num_layers + 1
-    if name.startswith("backbone"):
-        if ".pos_embed" in name or ".patch_embed" in name:
-            layer = 0
-        elif ".blocks." in name and ".residual." not in name:
-            layer = int(name[name.find(".blocks."):].split(".")[2]) + 1
-    return lr_decay_rate ** (num_layers + 1 - layer)
+    if name.startswith("backbone") and ".residual." not in name:
+        # the ViT's own parameter name starts at the first of these (".net.blocks.3...." -> "blocks.3....")
+        starts = [name.find(m) for m in (".pos_embed", ".patch_embed", ".blocks.") if m in name]
+        if starts:
+            layer = vit_layer_id(name[min(starts) + 1:], num_layers)
+    return layer_scale(layer, num_layers, lr_decay_rate)
 
 
 def get_optimizer_params(model: nn.Module, base_lr: float | None = None, weight_decay: float | None = None,

@@ -23,13 +23,18 @@ from .weights.loading import export_encoder as export
 def pretrain(argv: Sequence[str] | None = None) -> None:
     """MAE / CrossMAE pretraining: flags as MAE's main_pretrain.py over a recipe (`--config`)."""
     cfg = load_config(argv)
-    log = logging.getLogger("pretrain")
+    log_to_stderr("pretrain")
+    run(cfg)
+
+
+def log_to_stderr(name: str) -> None:
+    """Send logger `name`'s records to stderr with a time stamp: INFO on the main process, warnings on the others."""
+    log = logging.getLogger(name)
     if not any(isinstance(h, _Stderr) for h in log.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
-    run(cfg)
 
 
 class _Stderr(logging.StreamHandler):

@@ -1,6 +1,6 @@
 """Fixtures that tests in more than one package folder need: the session's dataset cache, a tiny pretraining config
 and checkpoint, one-line error checks, hostile weights files, weights files written by other libraries, a small
-shapes set, and the smoke demo's output. Each folder's own fixtures live in its conftest.py or test module."""
+shapes set, a labelled ImageFolder, and the smoke demo's output. Each folder's own fixtures live in its conftest.py or test module."""
 import os
 
 # before torch is first imported (below, or by any test module): its CPU thread pool reads this once
@@ -10,10 +10,12 @@ import pickle  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from PIL import Image  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
@@ -204,6 +206,22 @@ def probe_shapes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("probe_shapes") / "set"
     write_builtin_shapes(folder, num_train=6, num_val=3, image_size=64, seed=1)
     return folder
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory) -> Path:
+    """An ImageFolder (`train/`, `val/`) of 4 classes told apart by colour (red, green, blue, yellow under strong
+    noise), 16 train and 8 val images of 40 px per class: a tiny ViT learns it in a few epochs."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("val", 8)):
+        for name, colour in {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200),
+                             "yellow": (200, 200, 40)}.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 50, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from detection.probe import LEVELS, run_detector_probe
+from pretrain.cli import log_to_stderr
 from pretrain.errors import ConfigError, command
 from pretrain.evaluation.health import health_line
 from pretrain.evaluation.features import POOLS
 from pretrain.evaluation.objects import ObjectCrops, image_folder
 from pretrain.evaluation.probe import run_probe
 from pretrain.files import check_output_file, write_json_atomic
+from pretrain.finetune.config import load_config as load_finetune_config
+from pretrain.finetune.trainer import run as run_finetune
 from pretrain.models import VIT_SIZES
 from pretrain.weights.loading import load_encoder
 from pretrain.weights.releases import weights_file
@@ -23,6 +26,7 @@ from .benchmark import BenchmarkConfig
 from .benchmark import run as run_benchmark
 from .demo.pipeline import run as run_demo
 from .demo.presets import presets
+from .object_folder import builtin_object_folder
 from .probe_data import object_sets
 
 
@@ -49,6 +53,22 @@ def demo(argv: Sequence[str] | None = None) -> None:
                         "settings are refused)")
     a = p.parse_args(argv)
     print(run_demo(a.output, a.size, a.seeds, a.budget, a.fresh, a.jobs, a.settings))
+
+
+@command
+def finetune(argv: Sequence[str] | None = None) -> None:
+    """End-to-end fine-tuning of a pretrained encoder for classification, MAE's recipe and flags
+    (`main_finetune.py`); `--data_path builtin` is the objects of the built-in shapes set (4 classes)."""
+    cfg = load_finetune_config(argv)
+    if cfg["data_path"] == "builtin":
+        cfg["data_path"] = str(builtin_object_folder())
+    log_to_stderr("finetune")
+    result = run_finetune(cfg)
+    if cfg["eval"]:
+        chance = result["chance"]
+        print(f"* Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.3f} "
+              f"({result['images']} images; chance {100 * chance['uniform']:.1f} uniform, "
+              f"{100 * chance['majority']:.1f} majority class)")
 
 
 @command

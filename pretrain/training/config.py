@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,15 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_recipe(path: str | Path, known: Mapping[str, Any] = DEFAULTS, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe YAML merged over the recipe its optional `base:` key names (a path relative to it), recursively.
+
+    `known` holds the config keys a recipe may set (pretraining's `DEFAULTS`, or fine-tuning's).
 
     Raises:
         ConfigError: a missing or malformed file, a `base:` cycle, or a key that is not a config key.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} not found; see configs/pretrain/ for the shipped ones")
+        raise ConfigError(f"recipe {path} not found; see configs/ for the shipped ones")
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {path} is its own base (through {' -> '.join(map(str, _seen))}); break the cycle")
     try:
@@ -159,12 +162,12 @@ def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     if not isinstance(loaded, dict):
         raise ConfigError(f"recipe {path} holds a {type(loaded).__name__}, not a mapping of config keys")
     base = loaded.pop("base", None)
-    unknown = sorted(set(loaded) - set(DEFAULTS))
+    unknown = sorted(set(loaded) - set(known))
     if unknown:
-        raise ConfigError(f"{path} has unknown keys {unknown}; known keys: {sorted(DEFAULTS)}")
+        raise ConfigError(f"{path} has unknown keys {unknown}; known keys: {sorted(known)}")
     if base is None:
         return loaded
-    return {**load_recipe(path.parent / str(base), (*_seen, path.resolve())), **loaded}
+    return {**load_recipe(path.parent / str(base), known, (*_seen, path.resolve())), **loaded}
 
 
 def load_config(argv: list[str] | None = None) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def save_snapshot(model: torch.nn.Module, out: Path, step: int, epoch: int, conf
     """Weights only, for evaluating a run along the way: `OUT/snapshots/step-<step>.pth` = {model, step, epoch,
     config}, atomically; unlike the resume checkpoints it holds no optimizer state."""
     path = out / "snapshots" / f"step-{step:07d}.pth"
-    _save({"model": model.state_dict(), "step": step, "epoch": epoch, "config": dict(config)}, path)
+    save_checkpoint({"model": model.state_dict(), "step": step, "epoch": epoch, "config": dict(config)}, path)
     return path
 
 
@@ -131,8 +131,8 @@ def _check_resumable(ckpt: dict, path: Path, cfg: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} was trained as {model}, not --model {cfg['model']}")
 
 
-def _trim_log(out: Path, start_epoch: int) -> None:
-    """Keep only log lines of epochs before `start_epoch`: an epoch redone after a kill is logged once."""
+def trim_log(out: Path, start_epoch: int) -> None:
+    """Keep only `log.txt` lines of epochs before `start_epoch`: an epoch redone after a kill is logged once."""
     if (out / "log.txt").is_file():
         kept = [r for r in read_log(out) if r["epoch"] < start_epoch]
         write_text_atomic(out / "log.txt", "".join(json.dumps(r) + "\n" for r in kept))
@@ -142,7 +142,8 @@ def _finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _save(obj: Any, path: Path) -> None:
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """`save_atomic`, with a full disk or a read-only folder as one line that says the previous file is intact."""
     try:
         save_atomic(obj, path)
     except OSError as e:
@@ -211,7 +212,7 @@ def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str
     epoch = stats["epoch"]
     ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved)
     if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
-        _save(ckpt, out / f"checkpoint-{epoch}.pth")
+        save_checkpoint(ckpt, out / f"checkpoint-{epoch}.pth")
     if cfg["snapshot_every"] and ((epoch + 1) % cfg["snapshot_every"] == 0 or epoch + 1 == cfg["epochs"]):
         save_snapshot(model, out, (epoch + 1) * steps_per_epoch, epoch, resolved)
     if (epoch + 1) % cfg["vis_every"] == 0 or epoch + 1 == cfg["epochs"]:
@@ -223,7 +224,7 @@ def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str
     writer.add_scalar("epoch/loss", stats["loss"], (epoch + 1) * 1000)
     writer.add_scalar("epoch/images_per_s", stats["images_per_s"], (epoch + 1) * 1000)
     writer.flush()
-    _save(ckpt, out / LAST)
+    save_checkpoint(ckpt, out / LAST)
 
 
 def _train_epoch(model, ddp_model, loader, optimizer, scaler, device: torch.device, epoch: int, cfg: dict[str, Any],
@@ -273,7 +274,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     if main and resume is not None:
         logger.info("resumed from %s at epoch %d", resume, start_epoch)
     if main:
-        _trim_log(out, start_epoch)
+        trim_log(out, start_epoch)
 
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     writer, vis = None, None

@@ -1,0 +1,206 @@
+"""The fine-tuning run (`tools/finetune.py`): data, classifier, layer-decayed AdamW, epochs, evaluation, checkpoints.
+
+Run machinery is pretraining's (`pretrain.training.trainer`): torchrun / DDP, a refused or resumed output folder,
+atomic `weights_only` checkpoints, RNG seeded per epoch so a resumed run repeats an uninterrupted one, a stop on a
+non-finite loss that keeps the last checkpoint. Each epoch ends with top-1 / top-5 on `val/`; `checkpoint-last.pth`
+is written every epoch and `checkpoint-best.pth` whenever top-1 reaches its best so far (MAE: `>=`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.tensorboard import SummaryWriter
+
+from ..distributed import cleanup, init_distributed, resolve_device
+from ..errors import CheckpointError, DataError
+from ..files import read_checkpoint
+from ..training.checkpoint import LAST, load_checkpoint, resolve_resume
+from ..training.engine import NonFiniteLossError
+from ..training.layer_decay import param_groups_lrd
+from ..training.trainer import (Interrupted, TrainingDiverged, prepare_output_dir, save_checkpoint, seed_epoch,
+                                trim_log)
+from ..weights.fit import load_model_weights
+from ..weights.formats import checkpoint_tensors
+from .config import resolve_lr
+from .data import build_criterion, build_mixup, build_splits, chance_levels
+from .engine import evaluate, train_one_epoch
+from .model import build_classifier, load_pretrained
+
+logger = logging.getLogger("finetune")
+BEST = "checkpoint-best.pth"
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune as configured, or with `eval` only evaluate `resume`; returns the per-epoch records (or the
+    evaluation) and the chance levels of `val/`."""
+    device = resolve_device(cfg["device"])
+    rank, world = init_distributed(device)
+    try:
+        if cfg["eval"]:
+            return evaluate_checkpoint(cfg, device, rank, world)
+        return _train(cfg, device, rank, world, Path(cfg["output_dir"]))
+    finally:
+        cleanup()
+
+
+def _val_loader(val_set, cfg: dict[str, Any], rank: int, world: int) -> DataLoader:
+    """Each process evaluates every world-th image: no image twice, so sums over processes are exact."""
+    share = Subset(val_set, range(rank, len(val_set), world)) if world > 1 else val_set
+    return DataLoader(share, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"],
+                      drop_last=False)
+
+
+def _num_classes(cfg: dict[str, Any], classes: list[str]) -> int:
+    if cfg["nb_classes"] is None:
+        return len(classes)
+    if cfg["nb_classes"] < len(classes):
+        raise DataError(f"--nb_classes {cfg['nb_classes']} is fewer than the {len(classes)} class folders of "
+                        f"{cfg['data_path']}; raise it or leave it out")
+    return cfg["nb_classes"]
+
+
+def _head_classes(state_dict: dict[str, torch.Tensor], path: str | Path) -> int:
+    if "head.weight" not in state_dict:
+        raise CheckpointError(f"{path} has no classifier head (head.weight): it is no fine-tuned checkpoint; "
+                              "fine-tune it first (--finetune), then --eval the result")
+    return state_dict["head.weight"].shape[0]
+
+
+def evaluate_checkpoint(cfg: dict[str, Any], device: torch.device, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Top-1 / top-5 of a fine-tuned checkpoint (ours, or MAE's / CrossMAE's released ones) on `val/`.
+
+    Raises:
+        CheckpointError: no classifier head, or a head for another number of classes than `val/` has.
+    """
+    _, val_set = build_splits(cfg, with_train=False)
+    ckpt = read_checkpoint(cfg["resume"], trust_pickle=cfg["trust_pickle"])
+    state_dict = checkpoint_tensors(ckpt, cfg["resume"])
+    num_classes = _head_classes(state_dict, cfg["resume"])
+    wanted = _num_classes(cfg, val_set.classes)
+    if num_classes != wanted:
+        raise CheckpointError(f"{cfg['resume']} classifies {num_classes} classes but {cfg['data_path']}/val has "
+                              f"{wanted}; evaluate it on data with its classes (or pass --nb_classes {num_classes})")
+    model = build_classifier(cfg["model"], num_classes, 0.0, "fc_norm.weight" in state_dict, cfg["input_size"],
+                             **cfg["model_kwargs"])
+    load_model_weights(model, state_dict, source=cfg["resume"])
+    stats = evaluate(model.to(device), _val_loader(val_set, cfg, rank, world), device, num_classes)
+    chance = chance_levels(val_set.targets, num_classes)
+    logger.info("%s: Acc@1 %.3f Acc@5 %.3f loss %.3f on %d images (chance: %.1f%% uniform, %.1f%% majority class)",
+                cfg["resume"], stats["acc1"], stats["acc5"], stats["loss"], stats["images"], 100 * chance["uniform"],
+                100 * chance["majority"])
+    return {**stats, "chance": chance, "checkpoint": str(cfg["resume"])}
+
+
+def _build(cfg: dict[str, Any], num_classes: int, resume: Path | None, world: int):
+    """The classifier (pretrained unless resuming), its layer-decayed AdamW (MAE's betas: torch's default)."""
+    seed_epoch(cfg["seed"], -1, 0)  # the same head and drop-path draws on every process
+    model = build_classifier(cfg["model"], num_classes, cfg["drop_path"], cfg["global_pool"], cfg["input_size"],
+                             **cfg["model_kwargs"])
+    if cfg["finetune"] and resume is None:
+        for line in load_pretrained(model, cfg["finetune"], cfg["trust_pickle"]).lines():
+            logger.info("finetune %s", line.strip())
+    peak_lr = resolve_lr(cfg, world)
+    groups = param_groups_lrd(model, cfg["weight_decay"], model.no_weight_decay(), cfg["layer_decay"])
+    return model, torch.optim.AdamW(groups, lr=peak_lr), peak_lr
+
+
+def _resume(path: Path, model, optimizer, cfg: dict[str, Any]) -> tuple[int, float]:
+    """Load a fine-tuning checkpoint; returns (epoch to start at, best top-1 so far)."""
+    ckpt = load_checkpoint(path)
+    if not {"model", "optimizer", "epoch", "best_acc1"} <= set(ckpt):
+        raise CheckpointError(f"{path} is no fine-tuning checkpoint of this tool (needs model, optimizer, epoch, "
+                              "best_acc1); start from its weights with --finetune instead")
+    load_model_weights(model, ckpt["model"], source=str(path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return int(ckpt["epoch"]) + 1, float(ckpt["best_acc1"])
+
+
+def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path) -> dict[str, Any]:
+    main = rank == 0
+    resume = resolve_resume(cfg["resume"], out)
+    if main:
+        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"])
+    train_set, val_set = build_splits(cfg)
+    num_classes = _num_classes(cfg, train_set.classes)
+    model, optimizer, peak_lr = _build(cfg, num_classes, resume, world)
+    model.to(device)
+    start_epoch, best = (0, 0.0) if resume is None else _resume(resume, model, optimizer, cfg)
+    if main:
+        trim_log(out, start_epoch)
+    mixup = build_mixup(cfg, num_classes)
+    criterion = build_criterion(cfg, mixup)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
+    if len(train_set) < cfg["batch_size"] * world:
+        raise DataError(f"{len(train_set)} training images are fewer than one batch ({cfg['batch_size']} x {world}); "
+                        "lower --batch_size or add data")
+    loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
+                        pin_memory=device.type == "cuda", drop_last=True)
+    val_loader = _val_loader(val_set, cfg, rank, world)
+    chance = chance_levels(val_set.targets, num_classes)
+    resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world, "num_classes": num_classes,
+                "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world, "chance": chance}
+    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    writer = None
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * 1000 if start_epoch else None)
+        logger.info("%s on %s, %d process(es): %d train / %d val images, %d classes (chance %.1f%%), lr %.3g",
+                    cfg["model"], device, world, len(train_set), len(val_set), num_classes, 100 * chance["uniform"],
+                    peak_lr)
+    history = []
+    for epoch in range(start_epoch, cfg["epochs"]):
+        seed_epoch(cfg["seed"], epoch, rank)
+        sampler.set_epoch(epoch)
+        t0 = time.time()
+        stats = _epoch(ddp_model, criterion, loader, optimizer, device, epoch, cfg, peak_lr, mixup, writer, out)
+        test = evaluate(model, val_loader, device, num_classes)
+        record = {**{f"train_{k}": v for k, v in stats.items()}, **{f"test_{k}": v for k, v in test.items()},
+                  "epoch": epoch}
+        history.append(record)
+        if main:
+            best = _record_epoch(record, model, optimizer, resolved, best, out, writer)
+            logger.info("epoch %d: loss %.4f, Acc@1 %.2f Acc@5 %.2f (best %.2f, chance %.1f), %.0fs", epoch,
+                        stats["loss"], test["acc1"], test["acc5"], best, 100 * chance["uniform"], time.time() - t0)
+    if writer is not None:
+        writer.close()
+    return {"epochs": history, "best_acc1": best, "chance": chance, "output_dir": str(out)}
+
+
+def _epoch(model, criterion, loader, optimizer, device, epoch: int, cfg: dict[str, Any], peak_lr: float, mixup,
+           writer, out: Path) -> dict[str, float]:
+    """One epoch, with a non-finite loss and Ctrl-C turned into one-line errors that name the kept checkpoint."""
+    kept = (f"the kept checkpoint {out / LAST} is from epoch {epoch - 1}" if (out / LAST).exists()
+            else "no checkpoint was written yet")
+    try:
+        return train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, peak_lr, mixup, writer)
+    except NonFiniteLossError as e:
+        raise TrainingDiverged(f"{e}; stopping before saving it: {kept}; lower --blr or check the data") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted in epoch {epoch}: {kept}; continue with --resume auto") from None
+
+
+def _record_epoch(record: dict[str, Any], model, optimizer, resolved: dict[str, Any], best: float, out: Path,
+                  writer: SummaryWriter) -> float:
+    """Log line, TensorBoard, the best checkpoint if top-1 reached the best so far, then `checkpoint-last.pth`
+    (which marks the epoch done); returns the new best."""
+    epoch, acc1 = record["epoch"], record["test_acc1"]
+    best = max(best, acc1)
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "config": dict(resolved), "acc1": acc1, "acc5": record["test_acc5"], "best_acc1": best}
+    if acc1 >= best:
+        save_checkpoint(ckpt, out / BEST)
+    with open(out / "log.txt", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for key in ("acc1", "acc5", "loss"):
+        writer.add_scalar(f"perf/test_{key}", record[f"test_{key}"], epoch)
+    writer.flush()
+    save_checkpoint(ckpt, out / LAST)
+    return best

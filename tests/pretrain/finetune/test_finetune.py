@@ -1,0 +1,156 @@
+"""Fine-tuning (`pretrain.finetune`): MAE's parameter groups, loading a pretrained encoder, learning, exact resume,
+evaluation of a saved checkpoint, and the one-line refusals."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.errors import CheckpointError, ConfigError, DataError
+from pretrain.finetune.config import DEFAULTS, load_config, validate
+from pretrain.finetune.data import build_transform, chance_levels, posterize
+from pretrain.finetune.model import build_classifier, load_pretrained
+from pretrain.finetune import trainer
+from pretrain.finetune.trainer import run
+from pretrain.training.layer_decay import param_groups_lrd
+from pretrain.training.trainer import Interrupted, read_log
+
+GOLDEN = Path(__file__).parents[2] / "data" / "mae_lrd_vit_base.json"
+SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}  # the pretraining fixtures' TINY encoder
+
+
+def _cfg(tmp_path: Path, data: Path, **kw) -> dict:
+    """MAE's recipe (RandAugment, Mixup / CutMix, random erasing, label smoothing) on a 2-block ViT at 32 px."""
+    cfg = {**DEFAULTS, "model": "vit_tiny_patch16", "model_kwargs": SMALL, "input_size": 32, "batch_size": 8,
+           "epochs": 4, "warmup_epochs": 0, "blr": 1e-2, "mixup": 0.8, "cutmix": 1.0, "data_path": str(data),
+           "output_dir": str(tmp_path / "run"), "num_workers": 0, "device": "cpu", **kw}
+    validate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_parameter_groups_of_vit_base_are_maes(pool):
+    """Layer, lr scale, weight decay and order of every group equal what MAE's param_groups_lrd gives ViT-B/16."""
+    model = build_classifier("vit_base_patch16", 1000, 0.1, global_pool=pool == "avg")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.65)
+    ours = [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"], "params": [names[id(p)] for p in g["params"]]}
+            for g in groups]
+    golden = json.loads(GOLDEN.read_text())[pool]
+    assert len(ours) == len(golden) == 28
+    for mine, theirs in zip(ours, golden):
+        assert mine["params"] == theirs["params"]
+        assert mine["weight_decay"] == theirs["weight_decay"]
+        assert mine["lr_scale"] == pytest.approx(theirs["lr_scale"], rel=1e-12)
+
+
+def test_pretrained_encoder_is_loaded_resized_and_head_reinitialised(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "mae.pth")
+    encoder = torch.load(ckpt, weights_only=True)["model"]
+    model = build_classifier("vit_tiny_patch16", 5, input_size=48, **SMALL)  # 6 x 6 patches; pretrained at 4 x 4
+    report = load_pretrained(model, ckpt)
+    sd = model.state_dict()
+    assert torch.equal(sd["blocks.1.mlp.fc2.weight"], encoder["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(sd["patch_embed.proj.weight"], encoder["patch_embed.proj.weight"])
+    assert sd["pos_embed"].shape == (1, 1 + 36, 32) and any("pos_embed" in note for note in report.resized)
+    assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert "decoder" in report.dropped and sd["head.weight"].std() < 1e-4  # MAE's trunc_normal_(std=2e-5)
+
+
+def test_an_encoder_of_another_size_is_refused(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "mae.pth")
+    model = build_classifier("vit_tiny_patch16", 5, input_size=32, **{**SMALL, "depth": 3})
+    with pytest.raises(CheckpointError, match="lacks encoder tensors .*blocks.2"):
+        load_pretrained(model, ckpt)
+
+
+def test_fine_tuning_learns_and_eval_reproduces_the_recorded_accuracy(tmp_path, colour_folder, tiny_checkpoint):
+    cfg = _cfg(tmp_path, colour_folder, finetune=str(tiny_checkpoint(tmp_path / "mae.pth")))
+    result = run(cfg)
+    chance = result["chance"]
+    assert chance == {"uniform": 0.25, "majority": 0.25}
+    assert result["best_acc1"] > 2 * 100 * chance["uniform"], result["epochs"]
+    best = torch.load(tmp_path / "run" / "checkpoint-best.pth", weights_only=True)
+    assert best["acc1"] == best["best_acc1"] == result["best_acc1"]
+    again = run({**cfg, "eval": True, "resume": str(tmp_path / "run" / "checkpoint-best.pth")})
+    assert again["acc1"] == best["acc1"] and again["acc5"] == best["acc5"] and again["images"] == 32
+
+
+def test_resume_repeats_an_uninterrupted_run(tmp_path, colour_folder, monkeypatch):
+    run(_cfg(tmp_path / "a", colour_folder, epochs=3, warmup_epochs=1))
+    interrupted = _cfg(tmp_path / "b", colour_folder, epochs=3, warmup_epochs=1)
+    real = trainer.train_one_epoch
+
+    def ctrl_c_in_epoch_2(*args, **kw):
+        if args[5] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(trainer, "train_one_epoch", ctrl_c_in_epoch_2)
+    with pytest.raises(Interrupted, match="interrupted in epoch 2: the kept checkpoint .* is from epoch 1"):
+        run(interrupted)
+    monkeypatch.undo()
+    run({**interrupted, "resume": "auto"})
+    a, b = read_log(tmp_path / "a" / "run"), read_log(tmp_path / "b" / "run")
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    assert [(r["train_loss"], r["test_acc1"]) for r in a] == [(r["train_loss"], r["test_acc1"]) for r in b]
+    wa = torch.load(tmp_path / "a" / "run" / "checkpoint-last.pth", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "run" / "checkpoint-last.pth", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_eval_refuses_a_head_of_another_class_count(tmp_path, colour_folder):
+    model = build_classifier("vit_tiny_patch16", 7, input_size=32, **SMALL)
+    torch.save({"model": model.state_dict()}, tmp_path / "seven.pth")
+    cfg = _cfg(tmp_path, colour_folder, eval=True, resume=str(tmp_path / "seven.pth"))
+    with pytest.raises(CheckpointError, match="classifies 7 classes but .*val has 4"):
+        run(cfg)
+
+
+def test_a_dataset_without_val_is_refused(tmp_path, colour_folder):
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "train").symlink_to(colour_folder / "train")
+    with pytest.raises(DataError, match="has no val/ folder"):
+        run(_cfg(tmp_path, tmp_path / "only"))
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.5", "nan"])
+def test_layer_decay_outside_0_1_is_refused(value):
+    with pytest.raises(ConfigError, match="--layer_decay must be"):
+        load_config(["--data_path", "x", "--layer_decay", value])
+
+
+def test_posterize_keeping_no_bits_is_black_as_before_pillow_12(tmp_path):
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10, where timm's increasing posterize keeps 0 bits; Pillow >= 12
+    raises on 0 bits, older Pillow returned black. The recipe's pipeline must do the latter."""
+    pipeline = build_transform(True, {**_cfg(tmp_path, tmp_path), "reprob": 0.0})
+    ops = [op for step in pipeline.transforms for op in getattr(step, "ops", ()) if op.name == "PosterizeIncreasing"]
+    assert len(ops) == 1
+    op = ops[0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert posterize(image, 8) is image and posterize(image, 1).getpixel((0, 0)) == (128, 0, 0)
+
+
+def test_chance_levels():
+    assert chance_levels([0, 0, 0, 1, 2, 2], 4) == {"uniform": 0.25, "majority": 0.5}
+
+
+RECIPES = Path(__file__).parents[3] / "configs" / "finetune"
+
+
+@pytest.mark.parametrize("name, model, epochs, blr, layer_decay, drop_path", [
+    ("vit_small", "vit_small_patch16", 100, 5e-4, 0.65, 0.1),
+    ("vit_base", "vit_base_patch16", 100, 5e-4, 0.65, 0.1),
+    ("vit_large", "vit_large_patch16", 50, 1e-3, 0.75, 0.2),
+    ("vit_huge", "vit_huge_patch14", 50, 1e-3, 0.75, 0.3),
+])
+def test_recipes_are_the_papers(name, model, epochs, blr, layer_decay, drop_path):
+    """CrossMAE's README (MAE's FINETUNE.md for L and H): effective batch 1024 on 8 GPUs, MAE's regularisation."""
+    cfg = load_config(["--config", str(RECIPES / f"{name}.yaml"), "--data_path", "x"])
+    assert (cfg["model"], cfg["epochs"], cfg["blr"], cfg["layer_decay"], cfg["drop_path"]) == (
+        model, epochs, blr, layer_decay, drop_path)
+    assert cfg["batch_size"] * cfg["accum_iter"] * 8 == 1024 and cfg["warmup_epochs"] == 5
+    assert (cfg["mixup"], cfg["cutmix"], cfg["reprob"], cfg["smoothing"], cfg["aa"], cfg["global_pool"]) == (
+        0.8, 1.0, 0.25, 0.1, "rand-m9-mstd0.5-inc1", True)

@@ -1,0 +1,66 @@
+"""The objects of a COCO-format detection set as an ImageFolder (`<split>/<class>/<n>.png`): labelled images for
+fine-tuning a classifier on the same objects the detector and the frozen-feature probe see.
+
+`object_folder(train, val, out)` writes two sets' crops (each ground-truth box rounded outwards, as
+`pretrain.evaluation.objects.ObjectCrops` crops them, at their own size) once, atomically, and reuses them;
+`builtin_object_folder()` does it for the built-in shapes set of `tools/train_net.py` and the demo.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from detection.datasets import dataset_files, register_builtin_shapes
+from pretrain.data.images import open_rgb
+from pretrain.errors import DataError
+from pretrain.evaluation.objects import read_coco_objects
+
+__all__ = ["object_folder", "builtin_object_folder"]
+
+_DONE = "DONE"
+
+
+def _write_split(json_file: str | Path, image_root: str | Path, out: Path) -> None:
+    classes, objects = read_coco_objects(json_file)
+    for name in classes:
+        (out / name).mkdir(parents=True)
+    for n, (file_name, (x, y, w, h), label) in enumerate(objects):
+        path = Path(image_root) / file_name
+        try:
+            image = open_rgb(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {path} ({e}); check the image folder") from None
+        box = (math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h))
+        image.crop(box).save(out / classes[label] / f"{n:06d}.png")
+
+
+def object_folder(train: tuple[str, str], val: tuple[str, str], out: str | Path) -> Path:
+    """Write the crops of `train` and `val` ((json, image folder) each) under `out/{train,val}/` unless done.
+
+    Raises:
+        DataError: as `read_coco_objects` (missing or broken json, no objects), or an unreadable image.
+    """
+    out = Path(out)
+    if (out / _DONE).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for split, (json_file, image_root) in (("train", train), ("val", val)):
+            _write_split(json_file, image_root, staging / split)
+        (staging / _DONE).write_text("complete\n")
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier attempt
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def builtin_object_folder() -> Path:
+    """The built-in shapes set's objects (4 classes), next to the set in the cache: `.../objects/{train,val}`."""
+    train_name, val_name = register_builtin_shapes()
+    train, val = dataset_files(train_name), dataset_files(val_name)
+    return object_folder(train, val, Path(train[1]) / "objects")
