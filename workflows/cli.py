@@ -58,7 +58,7 @@ def demo(argv: Sequence[str] | None = None) -> None:
 @command
 def finetune(argv: Sequence[str] | None = None) -> None:
     """End-to-end fine-tuning of a pretrained encoder for classification, MAE's recipe and flags
-    (`main_finetune.py`); `--data_path builtin` is the objects of the built-in shapes set (4 classes)."""
+    (`main_finetune.py`); `--data_path builtin` is the objects of the demo's shapes set (4 classes)."""
     cfg = load_finetune_config(argv)
     if cfg["data_path"] == "builtin":
         cfg["data_path"] = str(builtin_object_folder())

@@ -3,7 +3,7 @@ fine-tuning a classifier on the same objects the detector and the frozen-feature
 
 `object_folder(train, val, out)` writes two sets' crops (each ground-truth box rounded outwards, as
 `pretrain.evaluation.objects.ObjectCrops` crops them, at their own size) once, atomically, and reuses them;
-`builtin_object_folder()` does it for the built-in shapes set of `tools/train_net.py` and the demo.
+`builtin_object_folder()` does it for the demo's built-in shapes set.
 """
 from __future__ import annotations
 
@@ -59,8 +59,10 @@ def object_folder(train: tuple[str, str], val: tuple[str, str], out: str | Path)
     return out
 
 
-def builtin_object_folder() -> Path:
-    """The built-in shapes set's objects (4 classes), next to the set in the cache: `.../objects/{train,val}`."""
-    train_name, val_name = register_builtin_shapes()
+def builtin_object_folder(image_size: int = 192) -> Path:
+    """The objects (4 classes) of the demo's detection set (seed 0, 512 train and 64 val images of `image_size`
+    px), next to the set in the cache: `.../objects/{train,val}`."""
+    train_name, val_name = register_builtin_shapes(f"builtin_objects_px{image_size}", seed=0, num_train=512,
+                                                   num_val=64, image_size=image_size)
     train, val = dataset_files(train_name), dataset_files(val_name)
     return object_folder(train, val, Path(train[1]) / "objects")

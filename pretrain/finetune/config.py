@@ -113,13 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup_prob", type=float)
     p.add_argument("--mixup_switch_prob", type=float)
     p.add_argument("--mixup_mode", choices=("batch", "pair", "elem"))
-    p.add_argument("--global_pool", action="store_true", default=None, help="average-pool the patch tokens (the default)")
-    p.add_argument("--cls_token", action="store_false", dest="global_pool", default=None, help="classify the class token instead")
+    p.add_argument("--global_pool", action="store_true", default=None,
+                   help="average-pool the patch tokens (the default)")
+    p.add_argument("--cls_token", action="store_false", dest="global_pool", default=None,
+                   help="classify the class token instead")
     p.add_argument("--nb_classes", type=int, help="classes (default: the class folders of DATA_PATH/train)")
     p.add_argument("--data_path", help="ImageNet-layout root holding train/<class>/<image> and val/<class>/<image>")
     p.add_argument("--output_dir")
-    p.add_argument("--resume", help="a fine-tuning checkpoint to continue (or evaluate, with --eval); 'auto' "
-                                    "for OUTPUT_DIR/checkpoint-last.pth")
+    p.add_argument("--resume", help="a fine-tuning checkpoint to continue, 'auto' for OUTPUT_DIR/checkpoint-last.pth; "
+                                    "with --eval, the fine-tuned weights to evaluate (also a release name such as "
+                                    "crossmae_vit_base_finetune)")
     p.add_argument("--eval", action="store_true", default=None, help="only evaluate --resume on DATA_PATH/val")
     p.add_argument("--num_workers", type=int)
     p.add_argument("--seed", type=int)

@@ -29,6 +29,7 @@ from ..training.trainer import (Interrupted, TrainingDiverged, prepare_output_di
                                 trim_log)
 from ..weights.fit import load_model_weights
 from ..weights.formats import checkpoint_tensors
+from ..weights.releases import resolve_weights
 from .config import resolve_lr
 from .data import build_criterion, build_mixup, build_splits, chance_levels
 from .engine import evaluate, train_one_epoch
@@ -75,13 +76,14 @@ def _head_classes(state_dict: dict[str, torch.Tensor], path: str | Path) -> int:
 
 
 def evaluate_checkpoint(cfg: dict[str, Any], device: torch.device, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Top-1 / top-5 of a fine-tuned checkpoint (ours, or MAE's / CrossMAE's released ones) on `val/`.
+    """Top-1 / top-5 of a fine-tuned checkpoint (ours, MAE's or CrossMAE's released ones, or a release name such as
+    crossmae_vit_base_finetune) on `val/`.
 
     Raises:
         CheckpointError: no classifier head, or a head for another number of classes than `val/` has.
     """
     _, val_set = build_splits(cfg, with_train=False)
-    ckpt = read_checkpoint(cfg["resume"], trust_pickle=cfg["trust_pickle"])
+    ckpt = read_checkpoint(resolve_weights(cfg["resume"]), trust_pickle=cfg["trust_pickle"])
     state_dict = checkpoint_tensors(ckpt, cfg["resume"])
     num_classes = _head_classes(state_dict, cfg["resume"])
     wanted = _num_classes(cfg, val_set.classes)

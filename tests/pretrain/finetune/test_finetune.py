@@ -35,8 +35,8 @@ def test_parameter_groups_of_vit_base_are_maes(pool):
     model = build_classifier("vit_base_patch16", 1000, 0.1, global_pool=pool == "avg")
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.65)
-    ours = [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"], "params": [names[id(p)] for p in g["params"]]}
-            for g in groups]
+    ours = [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
+             "params": [names[id(p)] for p in g["params"]]} for g in groups]
     golden = json.loads(GOLDEN.read_text())[pool]
     assert len(ours) == len(golden) == 28
     for mine, theirs in zip(ours, golden):
