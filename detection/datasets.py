@@ -30,14 +30,16 @@ from typing import Any, Iterator
 
 import cv2
 import pycocotools.mask as mask_util
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from pretrain.errors import DataError
 from pretrain.data.synthetic import render_shapes_image, SHAPE_CATEGORIES, shapes_rng
 
+from .mappers import BitmaskDatasetMapper  # noqa: F401  (its home before detection.mappers; configs name it)
+
 __all__ = ["SHAPE_CATEGORIES", "builtin_shapes_dir", "write_builtin_shapes", "build_builtin_shapes",
-           "register_builtin_shapes", "register_coco_json", "check_dataset", "dataset_files", "BitmaskDatasetMapper"]
+           "register_builtin_shapes", "register_coco_json", "check_dataset", "dataset_files"]
 
 _SPLITS = ("train", "val")
 logger = logging.getLogger(__name__)
@@ -276,23 +278,3 @@ def dataset_files(name: str) -> tuple[str, str]:
         raise DataError(f"dataset {name!r} has no COCO json and image folder registered; register it with "
                         "--dataset NAME JSON IMAGE_ROOT")
     return meta.json_file, meta.image_root
-
-
-class BitmaskDatasetMapper(DatasetMapper):
-    """detectron2's `DatasetMapper` with polygon masks rasterised (as RLE) before augmentation.
-
-    Cropping polygons (LSJ's `FixedSizeCrop`) needs shapely; cropping rasters needs nothing, so this mapper
-    runs LSJ where shapely is missing. Instances then carry `BitMasks`. Other arguments are `DatasetMapper`'s.
-    """
-
-    def __init__(self, is_train: bool, **kwargs: Any) -> None:
-        kwargs["instance_mask_format"] = "bitmask"
-        super().__init__(is_train, **kwargs)
-
-    def _transform_annotations(self, dataset_dict: dict, transforms: Any, image_shape: tuple[int, int]) -> None:
-        height, width = dataset_dict["height"], dataset_dict["width"]
-        for anno in dataset_dict.get("annotations", []):
-            segm = anno.get("segmentation")
-            if isinstance(segm, list):
-                anno["segmentation"] = mask_util.merge(mask_util.frPyObjects(segm, height, width))
-        super()._transform_annotations(dataset_dict, transforms, image_shape)

@@ -28,9 +28,10 @@ from pretrain.errors import ConfigError
 from pretrain.weights.releases import is_release_name
 
 from .checkpointer import SafeCheckpointer
-from .datasets import BitmaskDatasetMapper, check_dataset, register_builtin_shapes, register_coco_json
+from .datasets import check_dataset, register_builtin_shapes, register_coco_json
 from .evaluation import write_ap_json
 from .lazyconfig import check_overrides
+from .mappers import BitmaskDatasetMapper
 
 logger = logging.getLogger("detectron2")
 
@@ -73,7 +74,7 @@ def check_config(cfg: DictConfig, eval_only: bool) -> None:
             check_dataset(name)
         if _mapper_crops_polygons(cfg.dataloader.train.mapper) and importlib.util.find_spec("shapely") is None:
             raise ConfigError("cropping polygon masks (LSJ's FixedSizeCrop) needs shapely: pip install shapely, or "
-                              "add dataloader.train.mapper._target_=detection.datasets.BitmaskDatasetMapper")
+                              "add dataloader.train.mapper._target_=detection.mappers.BitmaskDatasetMapper")
     if "evaluator" in cfg.dataloader:
         for name in _names(cfg.dataloader.test.dataset.names):
             check_dataset(name)
