@@ -81,8 +81,8 @@ class DatasetMapper(_DetectronMapper):
         if self.use_instance_mask and any(not a.get("segmentation") for a in dataset_dict["annotations"]
                                           if a.get("iscrowd", 0) == 0):
             raise DataError(f"{dataset_dict['file_name']}: an object has no mask, but the config trains masks; "
-                            "register the set with tools/train_net.py --dataset (a set without masks then trains a "
-                            "box-only model; docs/detection.md)")
+                            "register the set with --dataset, which makes a set without masks train a box-only model, "
+                            "or make the model box-only by hand (docs/detection.md)")
         super()._transform_annotations(dataset_dict, transforms, image_shape)
 
 
