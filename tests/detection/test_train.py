@@ -100,8 +100,9 @@ def test_an_image_of_another_size_than_its_json_says_is_one_line(tmp_path, one_e
 # ------------------------------------------------------------------------------------------ sets without masks
 
 def _set_without(tmp_path: Path, name: str, what: str) -> tuple[list[str], list[str]]:
-    """train_net's flags and key=value overrides for the shapes set (4 train, 2 val images of 64 px) with `what` removed from its json:
-    "masks" (every segmentation an empty list), "mask_keys" (no segmentation key) or "annotations" (an empty list)."""
+    """train_net's flags and key=value overrides for the shapes set (4 train, 2 val images of 64 px) with `what`
+    removed from its json: "masks" (every segmentation an empty list), "mask_keys" (no segmentation key) or
+    "annotations" (an empty list)."""
     folder = tmp_path / "set"
     write_builtin_shapes(folder, num_train=4, num_val=2, image_size=64, seed=0)
     args, overrides = ["--config-file", SMOKE], [f"train.output_dir={tmp_path / 'out'}"]
