@@ -31,6 +31,7 @@ TRAIN_NET_EXAMPLES = """examples:
   # evaluation only
   tools/train_net.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
 
+A --dataset set without masks trains a box-only model; one without annotations is refused (docs/detection.md).
 Trailing key=value pairs override config fields. detectron2 evaluates lr_multiplier at the fraction
 iter / train.max_iter, so overriding train.max_iter stretches warmup and LR steps along with it.
 """

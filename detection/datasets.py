@@ -16,7 +16,8 @@ Three ways to name a dataset in a config's `dataloader.*.dataset.names`:
 
 `check_dataset(name)` turns a missing json or image folder into a one-line error naming the path, and
 builds a built-in set whose files are not there yet; `dataset_files(name)` gives a registered set's json and
-image folder (what the object probe and the demo read).
+image folder (what the object probe and the demo read); `count_annotations(name)` counts a registered json's objects
+and masks (train_net trains a box-only model on a set without masks, and refuses a set without annotations).
 """
 from __future__ import annotations
 
@@ -26,18 +27,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, NamedTuple
 
 import cv2
 import pycocotools.mask as mask_util
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from pretrain.errors import DataError
 from pretrain.data.synthetic import render_shapes_image, SHAPE_CATEGORIES, shapes_rng
 
+from .mappers import BitmaskDatasetMapper  # noqa: F401  (its home before detection.mappers; configs name it)
+
 __all__ = ["SHAPE_CATEGORIES", "builtin_shapes_dir", "write_builtin_shapes", "build_builtin_shapes",
-           "register_builtin_shapes", "register_coco_json", "check_dataset", "dataset_files", "BitmaskDatasetMapper"]
+           "register_builtin_shapes", "register_coco_json", "read_coco_json", "load_checked_coco_json",
+           "AnnotationCount", "count_annotations", "check_dataset", "dataset_files"]
 
 _SPLITS = ("train", "val")
 logger = logging.getLogger(__name__)
@@ -164,7 +168,8 @@ def register_coco_json(name: str, json_file: str | os.PathLike, image_root: str 
             raise DataError(f"dataset {name!r} is already registered with {meta.get('json_file')}; pick another name")
         return
     DatasetCatalog.register(name, lambda: load_checked_coco_json(json_file, image_root, name))
-    MetadataCatalog.get(name).set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
+    MetadataCatalog.get(name).set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco",
+                                  checked_json=True)
 
 
 def _polygon_area(flat: list[float]) -> float:
@@ -216,8 +221,8 @@ def clean_annotations(records: list[dict], name: str) -> list[dict]:
     return records
 
 
-def load_checked_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLike, name: str) -> list[dict]:
-    """`load_coco_json` after a check of the json, then `clean_annotations`.
+def read_coco_json(json_file: str | os.PathLike, name: str) -> dict[str, Any]:
+    """A COCO instances json, checked.
 
     Raises:
         DataError: the json does not parse, is no COCO instances file, or an annotation names a category or
@@ -238,7 +243,38 @@ def load_checked_coco_json(json_file: str | os.PathLike, image_root: str | os.Pa
         if ann.get("image_id") not in images:
             raise DataError(f"dataset {name!r}: annotation {ann.get('id')} refers to image {ann.get('image_id')}, "
                             f"which {json_file} does not list in 'images'; fix the json")
+    return coco
+
+
+def load_checked_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLike, name: str) -> list[dict]:
+    """`load_coco_json` after `read_coco_json`'s checks, then `clean_annotations`.
+
+    Raises:
+        DataError: as `read_coco_json`.
+    """
+    read_coco_json(json_file, name)
     return clean_annotations(load_coco_json(str(json_file), str(image_root), name), name)
+
+
+class AnnotationCount(NamedTuple):
+    """The objects of a dataset: annotations that are not crowd regions, and how many of them have a mask."""
+
+    objects: int
+    masked: int
+
+
+def count_annotations(name: str) -> AnnotationCount | None:
+    """The objects of a set registered by `register_coco_json`, counted in its json; None for other sets (COCO 2017
+    and the built-in shapes, which have a mask on every object, are not read twice).
+
+    Raises:
+        DataError: as `read_coco_json`.
+    """
+    meta = MetadataCatalog.get(name)
+    if not meta.get("checked_json", False):
+        return None
+    objects = [a for a in read_coco_json(meta.json_file, name)["annotations"] if not a.get("iscrowd", 0)]
+    return AnnotationCount(len(objects), sum(bool(a.get("segmentation")) for a in objects))
 
 
 def check_dataset(name: str) -> None:
@@ -276,23 +312,3 @@ def dataset_files(name: str) -> tuple[str, str]:
         raise DataError(f"dataset {name!r} has no COCO json and image folder registered; register it with "
                         "--dataset NAME JSON IMAGE_ROOT")
     return meta.json_file, meta.image_root
-
-
-class BitmaskDatasetMapper(DatasetMapper):
-    """detectron2's `DatasetMapper` with polygon masks rasterised (as RLE) before augmentation.
-
-    Cropping polygons (LSJ's `FixedSizeCrop`) needs shapely; cropping rasters needs nothing, so this mapper
-    runs LSJ where shapely is missing. Instances then carry `BitMasks`. Other arguments are `DatasetMapper`'s.
-    """
-
-    def __init__(self, is_train: bool, **kwargs: Any) -> None:
-        kwargs["instance_mask_format"] = "bitmask"
-        super().__init__(is_train, **kwargs)
-
-    def _transform_annotations(self, dataset_dict: dict, transforms: Any, image_shape: tuple[int, int]) -> None:
-        height, width = dataset_dict["height"], dataset_dict["width"]
-        for anno in dataset_dict.get("annotations", []):
-            segm = anno.get("segmentation")
-            if isinstance(segm, list):
-                anno["segmentation"] = mask_util.merge(mask_util.frPyObjects(segm, height, width))
-        super()._transform_annotations(dataset_dict, transforms, image_shape)

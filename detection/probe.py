@@ -21,7 +21,6 @@ import detectron2.data.transforms as T
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data.detection_utils import read_image
 from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 from tqdm import tqdm
@@ -33,6 +32,7 @@ from pretrain.evaluation.probe import score_features
 
 from .checkpointer import SafeCheckpointer
 from .lazyconfig import check_overrides
+from .mappers import read_image
 
 __all__ = ["build_detector", "DetectorObjects", "parse_source", "detector_features", "run_detector_probe"]
 
@@ -94,7 +94,7 @@ class DetectorObjects(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         file_name, objs = self.images[index]
         try:
-            image = read_image(str(self.image_root / file_name), format=self.image_format)
+            image = read_image(self.image_root / file_name, format=self.image_format)
         except OSError as e:
             raise DataError(f"cannot read {self.image_root / file_name} ({e}); check the image folder") from None
         aug = T.AugInput(image)

@@ -10,10 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pycocotools.mask as mask_util  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from pretrain.analysis.figures import save_figure  # noqa: E402
 from pretrain.errors import DataError  # noqa: E402
+
+from .mappers import read_image  # noqa: E402
 
 
 METRICS = ("AP", "AP50", "AP75")
@@ -181,7 +182,7 @@ def plot_predictions(gt_json: str | Path, image_root: str | Path, runs: dict[str
                              squeeze=False)
     colors = plt.get_cmap("tab10")
     for r, im in enumerate(images):
-        pixels = np.asarray(Image.open(Path(image_root) / im["file_name"]).convert("RGB"))
+        pixels = read_image(Path(image_root) / im["file_name"], "RGB")
         h, w = pixels.shape[:2]
         for c, col in enumerate(columns):
             if col == "ground truth":

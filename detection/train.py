@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -24,13 +25,14 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig
 
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, DataError
 from pretrain.weights.releases import is_release_name
 
 from .checkpointer import SafeCheckpointer
-from .datasets import BitmaskDatasetMapper, check_dataset, register_builtin_shapes, register_coco_json
+from .datasets import check_dataset, count_annotations, register_builtin_shapes, register_coco_json
 from .evaluation import write_ap_json
 from .lazyconfig import check_overrides
+from .mappers import BitmaskDatasetMapper
 
 logger = logging.getLogger("detectron2")
 
@@ -73,10 +75,67 @@ def check_config(cfg: DictConfig, eval_only: bool) -> None:
             check_dataset(name)
         if _mapper_crops_polygons(cfg.dataloader.train.mapper) and importlib.util.find_spec("shapely") is None:
             raise ConfigError("cropping polygon masks (LSJ's FixedSizeCrop) needs shapely: pip install shapely, or "
-                              "add dataloader.train.mapper._target_=detection.datasets.BitmaskDatasetMapper")
+                              "add dataloader.train.mapper._target_=detection.mappers.BitmaskDatasetMapper")
     if "evaluator" in cfg.dataloader:
         for name in _names(cfg.dataloader.test.dataset.names):
             check_dataset(name)
+
+
+def _without_masks(names: Any, training: bool) -> list[str]:
+    """The sets among `names` with objects but no masks (sets `count_annotations` does not read count as masked).
+
+    Raises:
+        DataError: a training set has no annotations (crowd regions aside).
+    """
+    found = []
+    for name in _names(names):
+        count = count_annotations(name)
+        if count is not None and count.objects == 0 and training:
+            raise DataError(f"dataset {name!r} has no annotations (crowd regions aside); add annotated objects to "
+                            "its json, or use it only as a test set")
+        if count is not None and count.objects and not count.masked:
+            found.append(name)
+    return found
+
+
+def fit_to_masks(cfg: DictConfig, eval_only: bool) -> list[str]:
+    """Turn a Mask R-CNN config into a box-only one when its data has no masks, as detectron2's MODEL.MASK_ON=False.
+
+    A training set (with `eval_only`, a test set) registered by `--dataset` whose objects all lack masks removes
+    the mask head (`model.roi_heads.mask_in_features/mask_pooler/mask_head`) and the masks of the train mapper
+    (`use_instance_mask`, `recompute_boxes`); the evaluator then scores boxes only, as it does for any test set
+    without masks.
+
+    Returns:
+        One line to log per change.
+
+    Raises:
+        DataError: a training set has no annotations.
+    """
+    train_sets = [] if eval_only else _without_masks(cfg.dataloader.train.dataset.names, training=True)
+    evaluates = "evaluator" in cfg.dataloader
+    test_sets = _without_masks(cfg.dataloader.test.dataset.names, training=False) if evaluates or eval_only else []
+    heads, notes = cfg.model.get("roi_heads"), []
+    deciding = test_sets if eval_only else train_sets
+    if deciding and heads is not None and heads.get("mask_in_features") is not None:
+        heads.mask_in_features = heads.mask_pooler = heads.mask_head = None
+        for key in ("use_instance_mask", "recompute_boxes"):
+            if key in cfg.dataloader.train.mapper:
+                cfg.dataloader.train.mapper[key] = False
+        notes.append(f"dataset {', '.join(deciding)} has boxes but no masks: "
+                     f"{'evaluating' if eval_only else 'training'} a box-only model (no mask head; box AP only)")
+    if evaluates and (deciding or test_sets) and "tasks" in _parameters(cfg.dataloader.evaluator):
+        cfg.dataloader.evaluator.tasks = ["bbox"]
+        if test_sets and not deciding:
+            notes.append(f"test set {', '.join(test_sets)} has no masks: box AP only")
+    return notes
+
+
+def _parameters(node: Any) -> list[str]:
+    """The arguments of a LazyCall node's target ([] for anything else)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    target = locate(target) if isinstance(target, str) else target
+    return list(inspect.signature(target).parameters) if callable(target) else []
 
 
 _RUN_FILES = ("last_checkpoint", "metrics.json", "ap.json", "model_final.pth")
@@ -165,7 +224,8 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
 
 
 def setup(args: argparse.Namespace) -> DictConfig:
-    """Register `--dataset`s and the built-in shapes, load the config with overrides, check it, set up logging."""
+    """Register `--dataset`s and the built-in shapes, load the config with overrides, fit it to data without masks
+    (`fit_to_masks`), check it, set up logging."""
     for name, json_file, image_root in args.dataset:
         register_coco_json(name, json_file, image_root)
     cfg = LazyConfig.load(args.config_file)
@@ -173,11 +233,14 @@ def setup(args: argparse.Namespace) -> DictConfig:
         register_builtin_shapes()
     check_overrides(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    notes = fit_to_masks(cfg, args.eval_only)
     check_config(cfg, args.eval_only)
     if not args.eval_only:
         claim_output_dir(Path(cfg.train.output_dir), args.resume, args.overwrite)
     default_setup(cfg, args)
     _follow_stdout()
+    for note in notes:
+        logger.warning(note)
     return cfg
 
 

@@ -3,14 +3,10 @@ from omegaconf import OmegaConf
 
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    DatasetMapper,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 
 from detection.evaluation import build_coco_evaluator
+from detection.mappers import DatasetMapper  # detectron2's, reading 16-bit images as pretraining does
 
 
 def lsj_augmentations(image_size: int) -> list:

@@ -6,8 +6,9 @@ built-in shapes: the ViTDet recipe scaled down to a CPU run of minutes.
 """
 from functools import partial
 
-from detection.datasets import SHAPE_CATEGORIES, BitmaskDatasetMapper, register_builtin_shapes
+from detection.datasets import SHAPE_CATEGORIES, register_builtin_shapes
 from detection.layer_decay import get_vit_lr_decay_rate
+from detection.mappers import BitmaskDatasetMapper
 from detection.schedule import vitdet_lr_multiplier
 
 from ..common.coco_loader_lsj import dataloader, lsj_augmentations

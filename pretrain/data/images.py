@@ -29,23 +29,28 @@ _CACHE_LIMIT = 8 * 2**30  # bytes of decoded pixels that cache_images may hold
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A loaded PIL image with 8 bits a channel: 16- and 32-bit grey images (PIL modes I;16, I, F) are scaled to
+    8-bit grey ("L") by their bit depth, where PIL's own `convert` clips them, so that a 16-bit PNG would come out
+    white; other modes are returned as they are."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or pixels.max() <= 65535 else float(pixels.max())
+    if image.mode == "F":
+        top = float(pixels.max()) or 1.0
+    return Image.fromarray(np.clip(np.round(pixels / top * 255.0), 0, 255).astype(np.uint8), "L")
+
+
 def open_rgb(path: str | Path) -> Image.Image:
-    """An image file as 8-bit RGB. 16- and 32-bit grey images (PIL modes I;16, I, F) are scaled to 8 bits by their
-    bit depth, where PIL's own `convert("RGB")` clips them, so that a 16-bit PNG would come out white.
+    """An image file as 8-bit RGB, deep grey images scaled by `eight_bit`.
 
     Raises:
         OSError, ValueError, Image.DecompressionBombError: as PIL for unreadable files.
     """
     with Image.open(path) as f:
         f.load()
-        if f.mode.startswith("I;16") or f.mode in ("I", "F"):
-            pixels = np.asarray(f, dtype=np.float64)
-            top = 65535.0 if f.mode.startswith("I;16") or pixels.max() <= 65535 else float(pixels.max())
-            if f.mode == "F":
-                top = float(pixels.max()) or 1.0
-            grey = np.clip(np.round(pixels / top * 255.0), 0, 255).astype(np.uint8)
-            return Image.fromarray(grey, "L").convert("RGB")
-        return f.convert("RGB")
+        return eight_bit(f).convert("RGB")
 
 
 def train_transform(input_size: int) -> transforms.Compose:

@@ -21,7 +21,6 @@ from pretrain.errors import DataError
 from pretrain.data.synthetic import render_shapes_image, shapes_rng
 from detection.datasets import (
     SHAPE_CATEGORIES,
-    BitmaskDatasetMapper,
     build_builtin_shapes,
     check_dataset,
     clean_annotations,
@@ -30,6 +29,7 @@ from detection.datasets import (
     register_coco_json,
     write_builtin_shapes,
 )
+from detection.mappers import BitmaskDatasetMapper
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from detection.probe import DetectorObjects, build_detector, detector_features, run_detector_probe
 from detectron2.config import instantiate
+from pretrain.data.images import open_rgb
 from pretrain.errors import ConfigError
 from workflows import cli
 
@@ -52,6 +53,17 @@ def test_boxes_follow_the_test_time_resize(tmp_path):
     augs = [instantiate(a) for a in cfg.dataloader.test.mapper.augmentations]
     image, boxes, _ = DetectorObjects(*_one_image_set(tmp_path / "set", 128, [[8, 16, 64, 32]]), augs, "RGB")[0]
     assert tuple(image.shape) == (3, 64, 64) and boxes.tolist() == [[4.0, 8.0, 36.0, 24.0]]
+
+
+@pytest.mark.parametrize("image_format", ["RGB", "BGR"])
+def test_a_16_bit_image_is_read_as_open_rgb_reads_it(image_format, tmp_path):
+    """The detector view reads images as training does (`detection.mappers.read_image`), not clipped to white."""
+    json_file, root = _one_image_set(tmp_path / "set", 64, [[16, 16, 32, 32]])
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(Path(root) / "a.png")
+    image = DetectorObjects(json_file, root, [], image_format)[0][0].permute(1, 2, 0).numpy()
+    expected = np.asarray(open_rgb(Path(root) / "a.png"))
+    np.testing.assert_array_equal(image, expected[:, :, ::-1] if image_format == "BGR" else expected)
 
 
 def test_a_block_or_level_that_does_not_exist_is_refused(tmp_path):

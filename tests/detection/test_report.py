@@ -3,10 +3,12 @@ the plot, runs without detections scored 0 AP, no file replaced without --overwr
 image."""
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from detection.cli import compare_backbones
-from detection.report import ap_table, ap_text, mean_std, scored, top_detections
+from detection.report import ap_table, ap_text, mean_std, plot_predictions, scored, top_detections
 
 
 @pytest.mark.slow  # reads the smoke demo's output (report_dir)
@@ -94,3 +96,20 @@ def test_a_detector_without_detections_scores_zero_not_missing():
 
 def test_ap_text_says_no_detections_for_pycocotools_none():
     assert ap_text(None) == "0 (no detections)" and ap_text(3.14) == "3.1"  # pycocotools' None: no crash
+
+
+def test_predictions_are_drawn_on_a_16_bit_image_as_the_detector_reads_it(tmp_path):
+    """A dark 16-bit grey image (a quarter of full scale: grey 64 in 8 bits) is drawn dark, not clipped to white."""
+    Image.fromarray(np.full((64, 64), 16384, np.uint16)).save(tmp_path / "deep.png")
+    square = [8, 8, 24, 8, 24, 24, 8, 24]
+    gt = {"images": [{"id": 1, "file_name": "deep.png", "height": 64, "width": 64}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 16, 16], "area": 256.0,
+                           "segmentation": [square], "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "run" / "inference").mkdir(parents=True)
+    (tmp_path / "run" / "inference" / "coco_instances_results.json").write_text("[]")
+    path = plot_predictions(tmp_path / "gt.json", tmp_path, {"run": tmp_path / "run"}, tmp_path / "p.png")
+    grey = np.asarray(Image.open(path).convert("L"), dtype=float)
+    dark = (grey < 100).mean()  # the two image panels; the rest of the figure is white
+    assert dark > 0.25, dark

@@ -1,5 +1,7 @@
 """tools/train_net.py end to end on CPU with the smoke config (`detection.train`), its error messages (a used output
 folder, an image whose size differs from its json), and the COCO recipes."""
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -93,6 +95,73 @@ def test_an_image_of_another_size_than_its_json_says_is_one_line(tmp_path, one_e
             "train.max_iter=4"]
     assert detection_cli.train_net(args) == 2
     one_error_line("Mismatched image shape", "check the width/height")
+
+
+# ------------------------------------------------------------------------------------------ sets without masks
+
+def _set_without(tmp_path: Path, name: str, what: str) -> tuple[list[str], list[str]]:
+    """train_net's flags and key=value overrides for the shapes set (4 train, 2 val images of 64 px) with `what`
+    removed from its json: "masks" (every segmentation an empty list), "mask_keys" (no segmentation key) or
+    "annotations" (an empty list)."""
+    folder = tmp_path / "set"
+    write_builtin_shapes(folder, num_train=4, num_val=2, image_size=64, seed=0)
+    args, overrides = ["--config-file", SMOKE], [f"train.output_dir={tmp_path / 'out'}"]
+    for split in ("train", "val"):
+        path = folder / "annotations" / f"{split}.json"
+        coco = json.loads(path.read_text())
+        if what == "annotations":
+            coco["annotations"] = []
+        for ann in coco["annotations"]:
+            if what == "masks":
+                ann["segmentation"] = []
+            else:
+                del ann["segmentation"]
+        path.write_text(json.dumps(coco))
+        args += ["--dataset", f"{name}_{split}", str(path), str(folder)]
+        overrides.append(f"dataloader.{'train' if split == 'train' else 'test'}.dataset.names={name}_{split}")
+    return args, overrides
+
+
+@pytest.fixture(scope="module")
+def box_only(tmp_path_factory):
+    """(output dir, flags, log): two iterations and the evaluation on a set whose json has boxes only."""
+    tmp_path = tmp_path_factory.mktemp("box_only")
+    flags, overrides = _set_without(tmp_path, "test_box_only", "masks")
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        assert detection_cli.train_net([*flags, *overrides]) == 0
+    return tmp_path / "out", flags, log.getvalue()
+
+
+def test_a_set_without_masks_trains_and_evaluates_a_box_only_model(box_only):
+    out, _, log = box_only
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    steps = [r for r in records if "total_loss" in r]
+    assert len(steps) == 2 and all("loss_mask" not in r and math.isfinite(r["loss_box_reg"]) for r in steps)
+    ap = json.loads((out / "ap.json").read_text())
+    assert set(ap) == {"bbox", "iteration"} and 0.0 <= ap["bbox"]["AP"] <= 100.0
+    assert "dataset test_box_only_train has boxes but no masks: training a box-only model" in log
+    assert not any(k.startswith("roi_heads.mask_head") for k in torch.load(out / "model_final.pth")["model"])
+
+
+def test_a_box_only_model_is_evaluated_alone_on_its_set(box_only, tmp_path):
+    out, flags, _ = box_only
+    results = train.main(train_net_parser().parse_args(
+        [*flags, "--eval-only", f"train.init_checkpoint={out / 'model_final.pth'}", f"train.output_dir={tmp_path}",
+         "dataloader.test.dataset.names=test_box_only_val"]))
+    assert set(results) == {"bbox"}
+    assert results["bbox"]["AP"] == pytest.approx(json.loads((out / "ap.json").read_text())["bbox"]["AP"])
+
+
+def test_a_set_without_segmentation_keys_trains_box_only(tmp_path):
+    flags, overrides = _set_without(tmp_path, "test_no_segm_key", "mask_keys")
+    assert detection_cli.train_net([*flags, *overrides, "train.max_iter=1", "train.checkpointer.period=1"]) == 0
+    assert set(json.loads((tmp_path / "out" / "ap.json").read_text())) == {"bbox", "iteration"}
+
+
+def test_a_set_without_annotations_is_one_line(tmp_path, one_error_line):
+    flags, overrides = _set_without(tmp_path, "test_no_annotations", "annotations")
+    assert detection_cli.train_net([*flags, *overrides]) == 2
+    one_error_line("dataset 'test_no_annotations_train' has no annotations")
 
 
 def _coco(name: str):
