@@ -159,8 +159,8 @@ def resolve_weights(value: str | Path, releases: dict[str, Release] | None = Non
     `pytorch_model.bin`), or the cached (downloaded and verified on first use) file a release name names.
 
     Raises:
-        CheckpointError: an unknown name (one that is no file and looks like no path), a failed download or a
-            checksum mismatch; one line each.
+        CheckpointError: an unknown name (one that is no file and looks like no path), a folder without those files,
+            a failed download or a checksum mismatch; one line each.
     """
     releases = RELEASES if releases is None else releases
     release = release_of(value, releases)
@@ -168,7 +168,11 @@ def resolve_weights(value: str | Path, releases: dict[str, Release] | None = Non
         return fetch(release, progress=progress)
     text = str(value)
     if Path(value).is_dir():
-        return next((Path(value) / f for f in _SAVED_FOLDER if (Path(value) / f).is_file()), Path(value))
+        found = next((Path(value) / f for f in _SAVED_FOLDER if (Path(value) / f).is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{text} is a folder without {' or '.join(_SAVED_FOLDER)} (what save_pretrained "
+                                  "writes); give a weights file or such a folder")
+        return found
     if not Path(value).exists() and _NAME.match(text):  # a bare name, not a path: say which names exist
         if text in NOT_RELEASED:
             raise CheckpointError(f"{text}: {NOT_RELEASED[text]}")
