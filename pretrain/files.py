@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UntrustedPickleError
 
 __all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "read_checkpoint"]
 
@@ -73,9 +73,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     lines' `--trust-pickle`) lifts that for files the user trusts, such as MAE's releases that store `args`.
 
     Raises:
-        CheckpointError: the file is missing, empty, corrupt or truncated, or holds pickled objects (then the
-            message names them and `--trust-pickle`; only for a well-formed pickle naming Python objects, never for
-            a corrupt file).
+        CheckpointError: the file is missing, empty, corrupt or truncated.
+        UntrustedPickleError: (a `CheckpointError`) the file holds pickled objects; the message names them and
+            `--trust-pickle`. Only a well-formed pickle naming Python objects gets it, never a corrupt file.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,7 +95,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         # well-formed pickle that names Python objects gets the advice to trust it
         names = _pickled_objects(path) if "weights only load failed" in str(e).lower() else None
         if names is not None:
-            raise CheckpointError(f"{path} holds pickled Python objects besides tensors"
+            raise UntrustedPickleError(f"{path} holds pickled Python objects besides tensors"
                                   f"{' (' + ', '.join(names[:3]) + ')' if names else ''}, and loading it would run "
                                   "code from the file; pass --trust-pickle only if you trust its source") from None
         raise CheckpointError(f"{path} is corrupt or not a torch checkpoint (no pickle torch can read); "
