@@ -5,7 +5,8 @@ into a file in the cache, `$CROSSMAE_VITDET_CACHE/weights` (default `~/.cache/cr
 downloaded once with a progress bar (`torch.hub.download_url_to_file`, which writes to a temporary file and
 renames it), checked against the published checksum, and reused. A file placed there by hand is checked the same
 way before its first use. A check leaves a `.verified` stamp with the file's identity and hashes, believed only for
-that very file and for hashes that agree with the published checksum (`_vouched`). Offline, or on a mismatch, the error names the URL and where to put the file by hand.
+that very file and for hashes that agree with the published checksum (`_vouched`). Offline, or on a mismatch, the
+error names the URL and where to put the file by hand.
 
 Checksums: facebookresearch/mae publishes the first 6 hex digits of the md5 of its three encoder files (README);
 no other release publishes one in its repository. The CrossMAE files are on the Hugging Face hub, whose page for

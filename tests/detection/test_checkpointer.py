@@ -98,5 +98,6 @@ def test_an_init_checkpoint_with_a_wrong_shape_names_the_tensor_not_the_converte
     model = nn.Module()
     model.backbone = nn.Module()
     model.backbone.net = _vitdet()
-    with pytest.raises(CheckpointError, match=rf"blocks.0.attn.qkv.weight has shape \(7, 5\), expected \({3 * D}, {D}\)"):
+    expected = rf"blocks.0.attn.qkv.weight has shape \(7, 5\), expected \({3 * D}, {D}\)"
+    with pytest.raises(CheckpointError, match=expected):
         SafeCheckpointer(model).load(str(tmp_path / "odd.safetensors"))

@@ -50,7 +50,9 @@ def test_a_torch_archive_with_a_corrupt_pickle_is_called_corrupt(tmp_path):
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
-            dst.writestr(item, b"\x80\x02" + _random_bytes(1, len(data)) if item.filename.endswith("data.pkl") else data)
+            if item.filename.endswith("data.pkl"):
+                data = b"\x80\x02" + _random_bytes(1, len(data))
+            dst.writestr(item, data)
     with pytest.raises(CheckpointError, match="corrupt") as e:
         files_mod.read_checkpoint(bad)
     assert "--trust-pickle" not in str(e.value)

@@ -275,6 +275,7 @@ def test_init_from_takes_any_layout_and_refuses_a_wrong_shape_in_one_line(hf_enc
     sd = {k: v for k, v in load_encoder(hf_encoder[1]["hub"])[0].state_dict().items()}
     sd["blocks.1.mlp.fc1.weight"] = torch.zeros(7, D)
     torch.save({"model": sd}, tmp_path / "odd.pth")
-    with pytest.raises(CheckpointError, match=r"blocks.1.mlp.fc1.weight has shape \(7, 192\), expected \(768, 192\)") as e:
+    expected = r"blocks.1.mlp.fc1.weight has shape \(7, 192\), expected \(768, 192\)"
+    with pytest.raises(CheckpointError, match=expected) as e:
         load_encoder_into(model, tmp_path / "odd.pth")
     assert "\n" not in str(e.value)
