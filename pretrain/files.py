@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import io
 import json
 import mmap
 import os
@@ -95,9 +94,10 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         # well-formed pickle that names Python objects gets the advice to trust it
         names = _pickled_objects(path) if "weights only load failed" in str(e).lower() else None
         if names is not None:
-            raise UntrustedPickleError(f"{path} holds pickled Python objects besides tensors"
-                                  f"{' (' + ', '.join(names[:3]) + ')' if names else ''}, and loading it would run "
-                                  "code from the file; pass --trust-pickle only if you trust its source") from None
+            shown = f" ({', '.join(names[:3])})" if names else ""
+            raise UntrustedPickleError(f"{path} holds pickled Python objects besides tensors{shown}, and loading it "
+                                       "would run code from the file; pass --trust-pickle only if you trust its "
+                                       "source") from None
         raise CheckpointError(f"{path} is corrupt or not a torch checkpoint (no pickle torch can read); "
                               "write or download it again") from None
     except Exception as e:  # noqa: BLE001 - zip, EOF and key errors of truncated or foreign files
@@ -118,7 +118,8 @@ def _pickled_objects(path: Path) -> list[str] | None:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                return _named_objects(io.BytesIO(archive.read(name)), 1)
+                with archive.open(name) as data:  # streamed: read only as far as the opcodes go
+                    return _named_objects(data, 1)
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _named_objects(data, _LEGACY_PICKLES)  # mmap: a corrupt length reads no more than the file
     except Exception:  # noqa: BLE001 - an unknown opcode, a truncated argument, a bad archive: no pickle
