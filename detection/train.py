@@ -9,7 +9,6 @@ import argparse
 import importlib.util
 import inspect
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig
 
 from pretrain.errors import ConfigError, DataError
-from pretrain.weights.releases import is_release_name
+from pretrain.weights.releases import is_release_name, resolve_weights
 
 from .checkpointer import SafeCheckpointer
 from .datasets import check_dataset, count_annotations, register_builtin_shapes, register_coco_json
@@ -65,9 +64,11 @@ def check_config(cfg: DictConfig, eval_only: bool) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={device} but CUDA is unavailable; add train.device=cpu to the command")
     ckpt = str(cfg.train.init_checkpoint or "")
-    if ckpt and "://" not in ckpt and not os.path.isfile(ckpt) and not is_release_name(ckpt):
-        raise ConfigError(f"train.init_checkpoint={ckpt} does not exist; give a weights file or a released-weights "
-                          "name (e.g. mae_vit_base, crossmae_vit_base), or set train.init_checkpoint=''")
+    # what the converter reads: a file, a save_pretrained folder, a released-weights name (fetched only when loaded)
+    if ckpt and "://" not in ckpt and not is_release_name(ckpt) and not resolve_weights(ckpt).is_file():
+        raise ConfigError(f"train.init_checkpoint={ckpt} does not exist; give a weights file, a save_pretrained "
+                          "folder or a released-weights name (e.g. mae_vit_base, crossmae_vit_base), or set "
+                          "train.init_checkpoint=''")
     if eval_only and not ckpt:
         raise ConfigError("--eval-only needs weights: set train.init_checkpoint=PATH (e.g. OUTPUT_DIR/model_final.pth)")
     if not eval_only:

@@ -23,6 +23,10 @@ class CheckpointError(UserError, ValueError):
     """A weights file that is missing, unreadable, unsafe to load, or of the wrong kind or shape."""
 
 
+class UntrustedPickleError(CheckpointError):
+    """A weights file holding pickled Python objects: loading it runs code, which only `--trust-pickle` allows."""
+
+
 class DataError(UserError, ValueError):
     """A dataset, image or annotation that is missing or unusable."""
 

@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickle
+import pickletools
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UntrustedPickleError
 
 __all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "check_output_file",
            "read_checkpoint"]
@@ -122,8 +125,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     lines' `--trust-pickle`) lifts that for files the user trusts, such as MAE's releases that store `args`.
 
     Raises:
-        CheckpointError: the file is missing, empty, corrupt or truncated, or holds pickled objects (then the
-            message names `--trust-pickle`; it never does for a corrupt file).
+        CheckpointError: the file is missing, empty, corrupt or truncated.
+        UntrustedPickleError: (a `CheckpointError`) the file holds pickled objects; the message names them and
+            `--trust-pickle`. Only a well-formed pickle naming Python objects gets it, never a corrupt file.
     """
     path = Path(path)
     if not path.is_file():
@@ -139,12 +143,14 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        # refused: an object besides tensors (an unsupported GLOBAL), or a plain pickle's opcodes (a file that
-        # starts with the PROTO opcode); bytes that are no pickle at all (a text file) get the same refusal, and are
-        # called corrupt
-        if "weights only load failed" in str(e).lower() and ("GLOBAL" in str(e) or _is_pickle(path)):
-            raise CheckpointError(f"{path} holds pickled Python objects besides tensors, and loading it would run "
-                                  "code from the file; pass --trust-pickle only if you trust its source") from None
+        # refused: an object besides tensors, or bytes that are no pickle at all (random or text); only a
+        # well-formed pickle that names Python objects gets the advice to trust it
+        names = _pickled_objects(path) if "weights only load failed" in str(e).lower() else None
+        if names is not None:
+            shown = f" ({', '.join(names[:3])})" if names else ""
+            raise UntrustedPickleError(f"{path} holds pickled Python objects besides tensors{shown}, and loading it "
+                                       "would run code from the file; pass --trust-pickle only if you trust its "
+                                       "source") from None
         raise CheckpointError(f"{path} is corrupt or not a torch checkpoint (no pickle torch can read); "
                               "write or download it again") from None
     except Exception as e:  # noqa: BLE001 - zip, EOF and key errors of truncated or foreign files
@@ -152,10 +158,48 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
                               "write or download it again") from None
 
 
-def _is_pickle(path: Path) -> bool:
-    """Whether a file starts as a pickle of protocol 2 or later does (its PROTO opcode, 0x80)."""
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+_LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, sys info, the object, storage keys; then data
+_GLOBALS = {"GLOBAL", "INST", "STACK_GLOBAL"}  # the opcodes that name a Python object to import
+_TORCH_OWN = ("torch.", "collections.OrderedDict")  # what torch files name themselves: not worth showing
+
+
+def _pickled_objects(path: Path) -> list[str] | None:
+    """The Python objects (module.name, torch's own left out) named by the pickle that torch reads from `path` (a
+    zip archive's data.pkl, else the pickles the file starts with), read without running it; None when those bytes
+    are no well-formed pickle or name no object, i.e. the file is corrupt rather than unsafe."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                with archive.open(name) as data:  # streamed: read only as far as the opcodes go
+                    return _named_objects(data, 1)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _named_objects(data, _LEGACY_PICKLES)  # mmap: a corrupt length reads no more than the file
+    except Exception:  # noqa: BLE001 - an unknown opcode, a truncated argument, a bad archive: no pickle
+        return None
+
+
+def _named_objects(data: IO[bytes] | mmap.mmap, pickles: int) -> list[str] | None:
+    """The objects named by up to `pickles` consecutive pickles in `data` (as `_pickled_objects`), or None if none.
+
+    Raises:
+        ValueError: a pickle is malformed or ends before its STOP opcode (`pickletools.genops`).
+    """
+    names: list[str] = []
+    strings: list[str] = []  # the last two strings pushed: STACK_GLOBAL's module and name
+    for _ in range(pickles):
+        start = data.tell()
+        if not data.read(1):
+            break
+        data.seek(start)
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in _GLOBALS:
+                names.append(".".join(strings) if op.name == "STACK_GLOBAL" else str(arg).replace(" ", "."))
+            elif isinstance(arg, str):
+                strings = (strings + [arg])[-2:]
+    if not names:
+        return None
+    return list(dict.fromkeys(n for n in names if not n.startswith(_TORCH_OWN)))
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,13 +26,14 @@ def make_checkpoint(model: torch.nn.Module, optimizer, scaler, epoch: int, confi
     }
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint dict of this project (or any `{"model": ...}` file) through `read_checkpoint`.
+def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
+    """A checkpoint dict of this project (or any `{"model": ...}` file) through `read_checkpoint` (`trust_pickle`:
+    the user's `--trust-pickle`).
 
     Raises:
         CheckpointError: unreadable file, or a file that holds something other than a dict.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; give a checkpoint "
                               "written by this project or a {'model': state_dict} file")

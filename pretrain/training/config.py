@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,  # iterations between TensorBoard scalars
     "loss_spike_factor": 10.0,  # stop when an iteration's loss exceeds this x the median of the last ones (0: off)
     "overwrite": False,  # replace an earlier run in output_dir instead of refusing
+    "trust_pickle": False,  # command line only: let --resume / --init_from files unpickle Python objects
 }
 
 # What each key holds; "?" admits None. Values from YAML recipes are checked against it, so `epochs: "ten"`,
@@ -64,7 +65,7 @@ TYPES: dict[str, str] = {
     "min_lr": "float", "warmup_epochs": "float", "data_path": "str?", "builtin_size": "int", "cache_images": "bool",
     "init_from": "str", "output_dir": "str", "resume": "str", "num_workers": "int", "seed": "int", "device": "str",
     "save_every": "int", "snapshot_every": "int", "vis_every": "int", "log_every": "int", "loss_spike_factor": "float",
-    "overwrite": "bool",
+    "overwrite": "bool", "trust_pickle": "bool",
 }
 _MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "builtin_size": 1, "num_workers": 0,
             "save_every": 1, "snapshot_every": 0, "vis_every": 1, "log_every": 1, "warmup_epochs": 0, "min_lr": 0,
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when an iteration's loss exceeds this x the median of the last 50 (default 10; 0: off)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier run in --output_dir instead of refusing (see --resume auto)")
+    p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,
+                   help="allow --resume / --init_from files that unpickle Python objects (e.g. released checkpoints "
+                        "storing args): only for files you trust, since loading them runs their code")
     return p
 
 
@@ -165,6 +169,9 @@ def load_recipe(path: str | Path, known: Mapping[str, Any] = DEFAULTS, _seen: tu
     unknown = sorted(set(loaded) - set(known))
     if unknown:
         raise ConfigError(f"{path} has unknown keys {unknown}; known keys: {sorted(known)}")
+    if "trust_pickle" in loaded:
+        raise ConfigError(f"{path} sets trust_pickle: only the command line (--trust-pickle) may trust a file to run "
+                          "code; drop the key")
     if base is None:
         return loaded
     return {**load_recipe(path.parent / str(base), known, (*_seen, path.resolve())), **loaded}

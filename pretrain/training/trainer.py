@@ -181,7 +181,7 @@ def _loader(cfg: dict[str, Any], dataset, device: torch.device, rank: int, world
 def _resume(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
             cfg: dict[str, Any]) -> int:
     """Load a resume checkpoint into the model, optimizer and scaler; returns the epoch to start at."""
-    ckpt = load_checkpoint(resume)
+    ckpt = load_checkpoint(resume, cfg["trust_pickle"])
     _check_resumable(ckpt, resume, cfg)
     load_model_weights(model, ckpt["model"], source=str(resume))
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -257,7 +257,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     seed_epoch(cfg["seed"], -1, 0)  # same initial weights on every process
     model = create_model(cfg)
     if cfg["init_from"]:
-        for line in load_encoder_into(model, cfg["init_from"]).lines():
+        for line in load_encoder_into(model, cfg["init_from"], cfg["trust_pickle"]).lines():
             logger.info("init_from %s", line.strip())
     model.to(device)
     peak_lr = resolve_lr(cfg, world)

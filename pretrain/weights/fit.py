@@ -1,7 +1,9 @@
 """Fitting encoder weights into a target: what is the encoder, what shape is it, and how it is resampled and loaded.
 
-- `encoder_state_dict` / `encoder_shape`: the ViT encoder of a state dict (timm / MAE / CrossMAE names) and its
-  width, depth and patch, as pure functions (timm's `checkpoint_filter_fn` habit);
+- `ENCODER_KEY` / `encoder_state_dict` / `encoder_shape`: the ViT encoder of a state dict (timm / MAE / CrossMAE
+  names) and its width, depth and patch, as pure functions (timm's `checkpoint_filter_fn` habit);
+- `check_tensors`: every encoder tensor of the shape that encoder implies, and every weight finite; the import of
+  every weights file (`pretrain.weights.formats.import_state_dict`) calls it, so no reader takes a broken tensor;
 - `pos_embed_grid`: (cls slots, grid side) of a position embedding, the one place that reads a grid off a tensor;
 - `resize_pos_embed` / `resize_patch_embed` / `fit_encoder`: a grid or patch size fitted to a target by timm's
   resampling (`resample_abs_pos_embed`, `resample_patch_embed`);
@@ -13,16 +15,19 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from ..errors import CheckpointError
-from .formats import ENCODER_KEY
 
-__all__ = ["encoder_state_dict", "encoder_shape", "pos_embed_grid", "slots_grid", "resize_pos_embed", "resize_patch_embed",
-           "fit_encoder", "load_model_weights"]
+__all__ = ["ENCODER_KEY", "encoder_state_dict", "encoder_shape", "check_tensors", "pos_embed_grid", "slots_grid",
+           "resize_pos_embed", "resize_patch_embed", "fit_encoder", "load_model_weights"]
+
+# timm's VisionTransformer names for the encoder (MAE's and CrossMAE's are the same)
+ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|norm\.(weight|bias))$")
 
 
 def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -48,11 +53,63 @@ def encoder_shape(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
         raise CheckpointError("checkpoint has no 'patch_embed.proj.weight': not a ViT encoder with timm/MAE key "
                               "names")
     weight = state_dict["patch_embed.proj.weight"]  # (embed_dim, in_chans, patch, patch)
+    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
+        raise CheckpointError(f"checkpoint tensor patch_embed.proj.weight has shape {tuple(weight.shape)}, expected "
+                              "(embed_dim, channels, patch, patch); the file is corrupt or no ViT encoder")
     ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
     if ids != set(range(len(ids))):
         raise CheckpointError(f"checkpoint blocks are not numbered 0..n-1 (found {sorted(ids)}); it is not a "
                               "plain ViT")
     return {"embed_dim": weight.shape[0], "depth": len(ids), "patch_size": weight.shape[-1]}
+
+
+# the shape of each encoder tensor of a ViT block (timm names), in its width D and MLP width H
+_BLOCK_SHAPES = {
+    "norm1.weight": ("D",), "norm1.bias": ("D",), "norm2.weight": ("D",), "norm2.bias": ("D",),
+    "attn.qkv.weight": ("3D", "D"), "attn.qkv.bias": ("3D",), "attn.proj.weight": ("D", "D"), "attn.proj.bias": ("D",),
+    "mlp.fc1.weight": ("H", "D"), "mlp.fc1.bias": ("H",), "mlp.fc2.weight": ("D", "H"), "mlp.fc2.bias": ("D",),
+    "ls1.gamma": ("D",), "ls2.gamma": ("D",),
+}
+_TOP_SHAPES = {"cls_token": (1, 1, "D"), "pos_embed": (1, "N", "D"), "patch_embed.proj.bias": ("D",),
+               "norm.weight": ("D",), "norm.bias": ("D",)}
+
+
+def _expected_shape(key: str, dims: Mapping[str, int]) -> tuple[int | str, ...] | None:
+    """The shape an encoder tensor must have, with "N" for a free size; None for a key without a fixed shape."""
+    block = re.match(r"blocks\.\d+\.(.+)$", key)
+    shape = _BLOCK_SHAPES.get(block.group(1)) if block else _TOP_SHAPES.get(key)
+    return None if shape is None else tuple(dims.get(d, d) if isinstance(d, str) else d for d in shape)
+
+
+def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse a state dict (our keys) with a non-finite weight, or an encoder tensor of another shape than the
+    encoder `encoder_shape` infers (width from `patch_embed.proj.weight`, MLP width from the blocks' most common one).
+
+    Raises:
+        CheckpointError: naming the first such key, its shape and the shape it should have, in one line.
+    """
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: {key} {tuple(value.shape)} holds {bad} NaN or infinite values; the "
+                                  "weights are broken (e.g. saved by a diverged run): use an earlier checkpoint")
+    if "patch_embed.proj.weight" not in state_dict:
+        return
+    try:
+        dim = encoder_shape(state_dict)["embed_dim"]
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    hidden = Counter(v.shape[0] for k, v in state_dict.items() if re.fullmatch(r"blocks\.\d+\.mlp\.fc1\.weight", k)
+                     and v.dim() == 2)
+    dims = {"D": dim, "3D": 3 * dim, "H": hidden.most_common(1)[0][0] if hidden else "H"}
+    for key, value in state_dict.items():
+        want = _expected_shape(key, dims) if ENCODER_KEY.match(key) else None
+        if want is not None and (value.dim() != len(want) or any(
+                isinstance(w, int) and w != n for w, n in zip(want, value.shape))):
+            shown = "(" + ", ".join(map(str, want)) + ("," if len(want) == 1 else "") + ")"
+            raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, expected {shown} for the "
+                                  f"{dim}-wide encoder its patch_embed.proj.weight implies; the file is corrupt or was "
+                                  "edited: export or convert it again from the original checkpoint")
 
 
 def slots_grid(slots: int) -> tuple[int, int]:

@@ -31,13 +31,12 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .fit import ENCODER_KEY, check_tensors
 
-__all__ = ["ENCODER_KEY", "LAYOUTS", "Layout", "LoadReport", "checkpoint_tensors", "detect_layout", "family_of",
+__all__ = ["LAYOUTS", "Layout", "LoadReport", "checkpoint_tensors", "detect_layout", "family_of",
            "from_detectron2", "from_mmpretrain", "from_official", "from_transformers", "group_of", "grouped",
            "import_state_dict", "is_detectron2", "summarize"]
 
-# timm's VisionTransformer names for the encoder (MAE's and CrossMAE's are the same)
-ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|norm\.(weight|bias))$")
 _WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile prefixes
 _CONTAINERS = ("model", "state_dict")  # MAE / CrossMAE / detectron2 / this project; mmengine (mmpretrain)
 
@@ -246,10 +245,18 @@ def family_of(sd: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def import_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], Layout]:
-    """A loaded weights file (any layout above) as a state dict in this project's keys, and the layout it had."""
+    """A loaded weights file (any layout above) as a state dict in this project's keys, and the layout it had: the
+    one import every reader of weights takes, so each tensor is checked here (`pretrain.weights.fit.check_tensors`).
+
+    Raises:
+        CheckpointError: no tensors in `checkpoint`, incomplete transformers attention, a non-finite weight, or an
+            encoder tensor of another shape than its encoder.
+    """
     sd = checkpoint_tensors(checkpoint, source)
     layout = detect_layout(sd)
-    return layout.convert(sd), layout
+    sd = layout.convert(sd)
+    check_tensors(sd, source)
+    return sd, layout
 
 
 # ------------------------------------------------------------------------------------------------------ reports

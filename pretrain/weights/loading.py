@@ -366,14 +366,14 @@ def load_encoder(path: str | Path, model_name: str | None = None,
     return model.eval(), {"name": "encoder", "family": None, "epoch": epoch, "kept": len(encoder), "report": report}
 
 
-def load_encoder_into(model: nn.Module, path: str | Path) -> LoadReport:
+def load_encoder_into(model: nn.Module, path: str | Path, trust_pickle: bool = False) -> LoadReport:
     """Replace the fresh encoder of `model` with the encoder tensors of a weights file (any layout of
     `pretrain.weights.formats`, or a released-weights name) at `path`.
 
     Only encoder keys are taken (`encoder_state_dict`); every encoder tensor of `model` must be in the file with the
     same shape, except that the position embedding is resampled to the model's patch grid and a smaller patch
     kernel to the model's patch (`fit_encoder`). Used so that two methods start from the very same encoder, or a
-    run from released weights.
+    run from released weights. `trust_pickle`: the user's `--trust-pickle`.
 
     Returns:
         The `LoadReport` (its `loaded` are the replaced tensors).
@@ -383,7 +383,7 @@ def load_encoder_into(model: nn.Module, path: str | Path) -> LoadReport:
     """
     own = model.state_dict()
     wanted, _ = encoder_state_dict(own)
-    weights = read_weights(path)
+    weights = read_weights(path, trust_pickle)
     given, _ = encoder_state_dict(weights.state_dict)
     given, resized = fit_encoder(given, patch_size=own["patch_embed.proj.weight"].shape[-1],
                                  grid=pos_embed_grid(own["pos_embed"])[1])

@@ -4,7 +4,9 @@ A name (`mae_vit_base`, `crossmae_vit_large`, ...) goes wherever a weights path 
 into a file in the cache, `$CROSSMAE_VITDET_CACHE/weights` (default `~/.cache/crossmae-vitdet/weights`):
 downloaded once with a progress bar (`torch.hub.download_url_to_file`, which writes to a temporary file and
 renames it), checked against the published checksum, and reused. A file placed there by hand is checked the same
-way before its first use. Offline, or on a mismatch, the error names the URL and where to put the file by hand.
+way before its first use. A check leaves a `.verified` stamp with the file's identity and hashes, believed only for
+that very file and for hashes that agree with the published checksum (`_vouched`). Offline, or on a mismatch, the
+error names the URL and where to put the file by hand.
 
 Checksums: facebookresearch/mae publishes the first 6 hex digits of the md5 of its three encoder files (README);
 no other release publishes one in its repository. The CrossMAE files are on the Hugging Face hub, whose page for
@@ -159,8 +161,8 @@ def resolve_weights(value: str | Path, releases: dict[str, Release] | None = Non
     `pytorch_model.bin`), or the cached (downloaded and verified on first use) file a release name names.
 
     Raises:
-        CheckpointError: an unknown name (one that is no file and looks like no path), a failed download or a
-            checksum mismatch; one line each.
+        CheckpointError: an unknown name (one that is no file and looks like no path), a folder without those files,
+            a failed download or a checksum mismatch; one line each.
     """
     releases = RELEASES if releases is None else releases
     release = release_of(value, releases)
@@ -168,7 +170,11 @@ def resolve_weights(value: str | Path, releases: dict[str, Release] | None = Non
         return fetch(release, progress=progress)
     text = str(value)
     if Path(value).is_dir():
-        return weights_file(value, releases)
+        found = weights_file(value, releases)
+        if found.is_dir():
+            raise CheckpointError(f"{text} is a folder without {' or '.join(_SAVED_FOLDER)} (what save_pretrained "
+                                  "writes); give a weights file or such a folder")
+        return found
     if not Path(value).exists() and _NAME.match(text):  # a bare name, not a path: say which names exist
         if text in NOT_RELEASED:
             raise CheckpointError(f"{text}: {NOT_RELEASED[text]}")
@@ -200,24 +206,44 @@ def _stamp(path: Path) -> Path:
     return path.with_name(path.name + ".verified")
 
 
-def _verify(path: Path, release: Release, downloaded: bool) -> None:
-    """Check `path` against the release's checksum unless its stamp says this very file was checked already."""
-    stat = path.stat()
-    stamp = _stamp(path)
-    here = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if stamp.is_file():
-        try:
-            seen = json.loads(stamp.read_text())
-        except ValueError:
-            seen = {}
-        if {k: seen.get(k) for k in here} == here and seen.get("url") == release.url:
-            return
-    sha256, md5 = _digests(path)
-    wrong = ""
+def _identity(path: Path) -> dict[str, int]:
+    """What tells this very file apart: size, modification and change times, inode. Rewriting it, even keeping its
+    size and mtime (`touch -r`), gives a new ctime, which no user can set back."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _mismatch(release: Release, sha256: str, md5: str) -> str:
+    """How the hashes differ from the release's published checksum; "" when they agree or none is published."""
     if release.sha256 and sha256 != release.sha256.lower():
-        wrong = f"sha256 {sha256[:16]}..., not the published {release.sha256[:16]}..."
-    elif release.md5_prefix and not md5.startswith(release.md5_prefix.lower()):
-        wrong = f"md5 {md5[:len(release.md5_prefix)]}..., not the published {release.md5_prefix}..."
+        return f"sha256 {sha256[:16]}..., not the published {release.sha256[:16]}..."
+    if release.md5_prefix and not md5.startswith(release.md5_prefix.lower()):
+        return f"md5 {md5[:len(release.md5_prefix)]}..., not the published {release.md5_prefix}..."
+    return ""
+
+
+def _vouched(stamp: Path, here: dict[str, int], release: Release) -> bool:
+    """Whether `stamp` was written for this very file (`_identity`) of this release, with hashes that agree with the
+    published checksum."""
+    try:
+        seen = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(seen, dict) and all(seen.get(k) == v for k, v in here.items()) and seen.get("url") == release.url
+            and isinstance(seen.get("sha256"), str) and isinstance(seen.get("md5"), str)
+            and not _mismatch(release, seen["sha256"], seen["md5"]))
+
+
+def _verify(path: Path, release: Release, downloaded: bool) -> None:
+    """Check `path` against the release's checksum unless its stamp vouches for this very file (`_vouched`): the
+    stamp records the file's identity and hashes, so a changed file, or a stamp of another file or without hashes
+    that match, means hashing it again."""
+    stamp = _stamp(path)
+    here = _identity(path)
+    if _vouched(stamp, here, release):
+        return
+    sha256, md5 = _digests(path)
+    wrong = _mismatch(release, sha256, md5)
     if wrong:
         stamp.unlink(missing_ok=True)
         if downloaded:
@@ -229,7 +255,7 @@ def _verify(path: Path, release: Release, downloaded: bool) -> None:
     if not (release.sha256 or release.md5_prefix):
         logger.warning("%s: no checksum is published for %s; its sha256 is %s (%s)", release.name, path.name, sha256,
                        release.verify_hint)
-    stamp.write_text(json.dumps({**here, "url": release.url, "sha256": sha256}) + "\n")
+    stamp.write_text(json.dumps({**here, "url": release.url, "sha256": sha256, "md5": md5}) + "\n")
 
 
 def fetch(release: Release, cache: str | Path | None = None, progress: bool = True) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 import detection  # noqa: F401  (makes detectron2 v0.6 importable)
 from detection import cli as detection_cli
@@ -88,3 +89,15 @@ def test_an_init_checkpoint_that_leaves_the_backbone_unset_fails(kind, tmp_path,
     args = ["--config-file", SMOKE, f"train.init_checkpoint={path}", f"train.output_dir={tmp_path / 'o'}"]
     assert detection_cli.train_net(args) == 2
     one_error_line(*needles)
+
+
+def test_an_init_checkpoint_with_a_wrong_shape_names_the_tensor_not_the_converter(timm_files, tmp_path):
+    sd = load_file(timm_files[1] / "model.safetensors")
+    sd["blocks.0.attn.qkv.weight"] = torch.zeros(7, 5)
+    save_file(sd, tmp_path / "odd.safetensors")
+    model = nn.Module()
+    model.backbone = nn.Module()
+    model.backbone.net = _vitdet()
+    expected = rf"blocks.0.attn.qkv.weight has shape \(7, 5\), expected \({3 * D}, {D}\)"
+    with pytest.raises(CheckpointError, match=expected):
+        SafeCheckpointer(model).load(str(tmp_path / "odd.safetensors"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 
@@ -243,6 +244,24 @@ def test_corrupt_bytes_are_not_blamed_on_pickles(tmp_path, one_error_line):
                                       "1", "--patch-size", "8"]) == 2
         line = one_error_line(needle)
         assert "--trust-pickle" not in line
+
+
+@pytest.mark.parametrize("case", ["wrong_shape", "nan"])
+def test_a_wrong_shape_or_non_finite_tensor_is_not_converted(case, tmp_path, one_error_line):
+    sd = dict(_encoder().state_dict())
+    if case == "wrong_shape":  # a safetensors file with a 7 x 5 qkv weight
+        sd["blocks.0.attn.qkv.weight"] = torch.zeros(7, 5)
+        src, needles = tmp_path / "odd.safetensors", ("blocks.0.attn.qkv.weight has shape (7, 5)", "expected (48, 16)")
+        save_file(sd, src)
+    else:  # a checkpoint of NaN weights, as a diverged run saves
+        sd = {k: torch.full_like(v, float("nan")) for k, v in sd.items()}
+        src, needles = tmp_path / "nan.pth", ("NaN or infinite",)
+        torch.save({"model": sd}, src)
+    out = tmp_path / "d2.pth"
+    assert convert_main([str(src), str(out), "--embed-dim", str(D), "--depth", str(DEPTH),
+                         "--patch-size", str(PATCH)]) == 2
+    one_error_line(*needles)
+    assert not out.exists()
 
 
 def test_the_converter_writes_atomically(tmp_path, monkeypatch, tiny_cfg):

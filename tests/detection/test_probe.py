@@ -11,6 +11,7 @@ from detection.probe import DetectorObjects, build_detector, detector_features, 
 from detectron2.config import instantiate
 from pretrain.data.images import open_rgb
 from pretrain.errors import ConfigError
+from pretrain.models import create_model
 from workflows import cli
 
 SMOKE = str(Path(__file__).resolve().parents[2] / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
@@ -96,14 +97,14 @@ def test_cli_detector_view_writes_json_and_one_line(probe_shapes, tmp_path, caps
     ("no_config", "--view detector needs --config-file"),
 ])
 def test_a_wrong_checkpoint_or_missing_config_is_one_line(case, message, probe_shapes, tmp_path, tiny_checkpoint,
-                                                          one_error_line):
+                                                          tiny_cfg, one_error_line):
     ckpt = tmp_path / "m.pth"
     if case == "not_weights":
         ckpt.write_text("not a checkpoint")
-    elif case == "wider":
-        sd = torch.load(tiny_checkpoint(tmp_path / "t.pth"), weights_only=True)["model"]
-        sd["patch_embed.proj.weight"] = torch.zeros(48, 3, 8, 8)  # a 48-wide encoder for the 32-wide smoke ViT
-        torch.save({"model": sd}, ckpt)
+    elif case == "wider":  # a 48-wide encoder for the 32-wide smoke ViT
+        cfg = tiny_cfg(tmp_path)
+        torch.save({"model": create_model({**cfg, "model_kwargs": {**cfg["model_kwargs"], "embed_dim": 48}})
+                    .state_dict()}, ckpt)
     else:
         tiny_checkpoint(ckpt)
     args = [str(ckpt), "--view", "detector"] + ([] if case == "no_config" else ["--config-file", SMOKE])

@@ -77,6 +77,16 @@ def test_cli_errors_are_one_line(override, expected, capsys, monkeypatch):
     assert expected in err and err.count("\n") == 1
 
 
+def test_init_checkpoint_takes_a_save_pretrained_folder_as_the_converter_does(timm_files, tmp_path, one_error_line):
+    args = ["--config-file", SMOKE, f"train.output_dir={tmp_path / 'o'}"]
+    # read and converted (not "does not exist"): conftest's ViT-Ti is wider than the smoke config's ViT
+    assert train_net_cli([*args, f"train.init_checkpoint={timm_files[1]}"]) == 2
+    one_error_line("embed_dim=192", "does not match the target config")
+    (tmp_path / "empty").mkdir()
+    assert train_net_cli([*args, f"train.init_checkpoint={tmp_path / 'empty'}"]) == 2
+    one_error_line("model.safetensors", "pytorch_model.bin")
+
+
 def test_train_net_refuses_an_output_folder_holding_a_run(tmp_path, one_error_line):
     out = tmp_path / "det"
     out.mkdir()

@@ -1,12 +1,17 @@
 """Atomic writes (`pretrain.files`): a failed save keeps the previous file and leaves no temporary file; the check of
-every output file a tool writes refuses what would lose data or fail."""
+every output file a tool writes refuses what would lose data or fail; the safe reader tells a corrupt file from one
+holding pickled objects before it suggests --trust-pickle."""
+import argparse
 import os
+import pickle
+import random
+import zipfile
 
 import pytest
 import torch
 
 from pretrain import files as files_mod
-from pretrain.errors import ConfigError
+from pretrain.errors import CheckpointError, ConfigError
 
 
 def test_atomic_save_keeps_previous_file(tmp_path, monkeypatch):
@@ -83,3 +88,49 @@ def test_check_output_file_allows_a_new_file_and_a_replacement_with_overwrite(tm
     (tmp_path / "dangling.pth").symlink_to(tmp_path / "gone")
     files_mod.check_output_file(tmp_path / "dangling.pth", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.pth", "in.pth", "out.pth"]  # no probe left
+
+
+# ------------------------------------------------------------------------------------------ read_checkpoint
+
+def _random_bytes(seed: int, size: int = 4096) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.mark.parametrize("head", [b"", b"\x80", b"\x80\x02", b"PK\x03\x04"], ids=["raw", "0x80", "proto2", "zip"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_bytes_are_called_corrupt_not_pickled(seed, head, tmp_path):
+    # random files, some starting as a pickle (0x80, the PROTO opcode) or a zip archive does
+    path = tmp_path / "random.pth"
+    path.write_bytes(head + _random_bytes(seed)[len(head):])
+    with pytest.raises(CheckpointError) as e:
+        files_mod.read_checkpoint(path)
+    assert "corrupt" in str(e.value) and "--trust-pickle" not in str(e.value), str(e.value)
+
+
+def test_a_torch_archive_with_a_corrupt_pickle_is_called_corrupt(tmp_path):
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    torch.save({"model": {"w": torch.ones(2)}}, good)
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                data = b"\x80\x02" + _random_bytes(1, len(data))
+            dst.writestr(item, data)
+    with pytest.raises(CheckpointError, match="corrupt") as e:
+        files_mod.read_checkpoint(bad)
+    assert "--trust-pickle" not in str(e.value)
+
+
+@pytest.mark.parametrize("writer", ["torch_zip", "torch_legacy", "pickle_protocol_0", "pickle_protocol_4"])
+def test_a_real_pickle_with_a_global_needs_trust_pickle(writer, tmp_path):
+    path = tmp_path / "released.pth"
+    obj = {"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-3)}  # as MAE's main_pretrain saves
+    if writer.startswith("torch"):
+        torch.save(obj, path, _use_new_zipfile_serialization=writer == "torch_zip")
+    else:
+        path.write_bytes(pickle.dumps({"args": argparse.Namespace(lr=1e-3)}, protocol=int(writer[-1])))
+    with pytest.raises(CheckpointError, match="--trust-pickle") as e:
+        files_mod.read_checkpoint(path)
+    assert "argparse.Namespace" in str(e.value) and "\n" not in str(e.value)
+    if writer.startswith("torch"):
+        assert files_mod.read_checkpoint(path, trust_pickle=True)["args"].lr == 1e-3

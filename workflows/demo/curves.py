@@ -21,6 +21,7 @@ from pretrain.weights.loading import load_encoder, load_pretrain_model
 
 from .data import images_of, probe_sets
 from .labels import NAMES, log
+from .reuse import read_own
 
 __all__ = ["heldout_loss", "evaluate_snapshot", "curve", "curve_task"]
 
@@ -72,7 +73,7 @@ def curve(method: str, info: dict, probes: dict[str, TensorDataset], val_files: 
     points = []
     for snap in sorted((run_dir / "snapshots").glob("step-*.pth")):
         if snap.name not in cached:
-            meta = torch.load(snap, map_location="cpu", weights_only=True)
+            meta = read_own(snap)
             epoch, step = int(meta["epoch"]), int(meta["step"])
             cached[snap.name] = {"snapshot": snap.name, "step": step, "epoch": epoch,
                                  "pretrain_tflops": 3 * gflops["total"] * batch * step / 1e3,

@@ -61,6 +61,7 @@ def load_preset(name: str, budget: str | None = None) -> dict[str, Any]:
 DEMO_OWNED = {"pretrain.seed": "use --seeds", "pretrain.prediction_ratio": "use crossmae_prediction_ratio",
               **dict.fromkeys(("pretrain.model", "pretrain.data_path", "pretrain.output_dir", "pretrain.resume",
                                "pretrain.lr_prediction_scale", "pretrain.init_from"), "the demo sets it per run"),
+              "pretrain.trust_pickle": "the demo reads only files it wrote, which need no trust",
               "name": "use --size", "budget": "use --budget", "set": "the report fills it in"}
 _TRAINER_OWNED = {k.removeprefix("pretrain.") for k in DEMO_OWNED if k.startswith("pretrain.")}
 

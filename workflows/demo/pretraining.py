@@ -22,7 +22,7 @@ from pretrain.training.trainer import run as run_pretraining
 from .data import folder_images
 from .labels import NAMES, log
 from .presets import CONFIGS
-from .reuse import check_reusable, settings_of
+from .reuse import check_reusable, read_own, settings_of
 
 __all__ = ["pretrain_config", "step0_encoder", "finished_pretraining", "pretrain", "forward_gflops"]
 
@@ -51,7 +51,8 @@ def step0_encoder(preset: dict, seed_out: Path, seed: int) -> Path:
     cfg = pretrain_config("mae", preset, seed_out / "pretrain" / "mae", seed, "unused")
     wanted = {k: cfg[k] for k in ("model", "input_size", "seed", "model_kwargs")}
     if path.is_file():  # made for another model, input size or seed: refused, not silently resampled
-        stored = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        stored = read_own(path).get("config")
+        stored = stored if isinstance(stored, dict) else {}
         check_reusable(path, {k: stored.get(k) for k in wanted}, settings_of(wanted, drop=()))
         return path
     seed_epoch(seed, -1, 0)  # the trainer's seeding before it creates the model

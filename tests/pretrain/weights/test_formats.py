@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 import detection  # noqa: F401  (makes detectron2 v0.6 importable)
 from detection.cli import convert as convert_main
@@ -17,7 +18,7 @@ from detection.vit import ViT
 from pretrain.errors import CheckpointError
 from pretrain.models import MAE, CrossMAE, build_model
 from pretrain.weights.fit import load_model_weights
-from pretrain.weights.formats import LAYOUTS, detect_layout, from_transformers, group_of
+from pretrain.weights.formats import LAYOUTS, detect_layout, from_transformers, group_of, import_state_dict
 from pretrain.weights.loading import load_encoder, load_encoder_into, load_pretrain_model, read_weights
 
 DATA = Path(__file__).resolve().parents[2] / "data"  # tests/data
@@ -89,6 +90,53 @@ def test_transformers_missing_value_tensor_is_one_line():
     with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.weight") as e:
         from_transformers(sd)
     assert "\n" not in str(e.value)
+
+
+def _small_vit() -> dict[str, torch.Tensor]:
+    """A 2-block, 16-wide timm ViT/8 (MLP 32 wide) at 32 px, with a final norm."""
+    torch.manual_seed(0)
+    return dict(VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
+                                  num_classes=0).state_dict())
+
+
+@pytest.mark.parametrize("key, bad, expected", [
+    ("blocks.0.attn.qkv.weight", (7, 5), "(48, 16)"),
+    ("blocks.1.attn.qkv.bias", (47,), "(48,)"),
+    ("blocks.1.mlp.fc2.weight", (16, 31), "(16, 32)"),
+    ("pos_embed", (1, 17, 15), "(1, N, 16)"),
+    ("cls_token", (16,), "(1, 1, 16)"),
+    ("norm.weight", (16, 1), "(16,)"),
+    ("patch_embed.proj.weight", (16, 3 * 8 * 8), "(embed_dim, channels, patch, patch)"),
+])
+def test_a_tensor_of_another_shape_than_its_encoder_is_refused_at_import(key, bad, expected):
+    sd = _small_vit()
+    sd[key] = torch.zeros(bad)
+    with pytest.raises(CheckpointError) as e:
+        import_state_dict({"model": sd}, "odd.pth")
+    msg = str(e.value)
+    assert f"{key} has shape {bad}" in msg and f"expected {expected}" in msg and "\n" not in msg, msg
+
+
+def test_a_transformers_file_is_checked_after_its_query_key_value_are_joined():
+    sd = {"vit.embeddings.patch_embeddings.projection.weight": _small_vit()["patch_embed.proj.weight"]}
+    for part in ("query", "key", "value"):
+        sd[f"vit.encoder.layer.0.attention.attention.{part}.weight"] = torch.zeros(16, 16)
+    sd["vit.encoder.layer.0.attention.attention.value.weight"] = torch.zeros(5, 16)
+    with pytest.raises(CheckpointError, match=r"blocks.0.attn.qkv.weight has shape \(37, 16\), expected \(48, 16\)"):
+        import_state_dict(sd, "hf")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", ["blocks.1.mlp.fc1.bias", "decoder_pred.weight"])
+def test_non_finite_weights_are_refused_at_import(key, value):
+    sd = {**_small_vit(), "decoder_pred.weight": torch.ones(4, 8)}
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[1] = value
+    with pytest.raises(CheckpointError) as e:
+        import_state_dict(sd, "diverged.pth")
+    msg = str(e.value)
+    assert f"{key} {tuple(sd[key].shape)}" in msg and "1 NaN or infinite" in msg and "\n" not in msg, msg
+    assert import_state_dict(_small_vit(), "fine.pth")[1].name == "official"
 
 
 # --------------------------------------------------------------------------- official MAE / CrossMAE, mmpretrain
@@ -227,6 +275,7 @@ def test_init_from_takes_any_layout_and_refuses_a_wrong_shape_in_one_line(hf_enc
     sd = {k: v for k, v in load_encoder(hf_encoder[1]["hub"])[0].state_dict().items()}
     sd["blocks.1.mlp.fc1.weight"] = torch.zeros(7, D)
     torch.save({"model": sd}, tmp_path / "odd.pth")
-    with pytest.raises(CheckpointError, match=r"blocks.1.mlp.fc1.weight \(7, 192\) vs \(768, 192\)") as e:
+    expected = r"blocks.1.mlp.fc1.weight has shape \(7, 192\), expected \(768, 192\)"
+    with pytest.raises(CheckpointError, match=expected) as e:
         load_encoder_into(model, tmp_path / "odd.pth")
     assert "\n" not in str(e.value)

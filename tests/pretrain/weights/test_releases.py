@@ -4,6 +4,8 @@ place the file; a name goes wherever a weights path goes."""
 import argparse
 import hashlib
 import http.server
+import json
+import os
 import socket
 import threading
 from functools import partial
@@ -116,6 +118,39 @@ def test_a_file_changed_in_the_cache_is_checked_again_and_refused_but_kept(serve
     with pytest.raises(CheckpointError, match="corrupt or another file") as e:
         fetch(release, progress=False)
     assert release.url in str(e.value) and path.read_bytes() == b"truncated"  # a file we did not write stays
+
+
+def _same_size_and_mtime(path: Path, data: bytes) -> None:
+    """Replace the bytes of `path` by `data` (of its size), keeping its modification time."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_file_replaced_under_its_stamp_with_the_same_size_and_mtime_is_checked_again(server, tmp_path):
+    release, data = _publish(server, tmp_path)
+    path = fetch(release, progress=False)
+    _same_size_and_mtime(path, bytes(len(data)))  # the stamp, untouched, still gives this size and mtime
+    with pytest.raises(CheckpointError, match="corrupt or another file"):
+        fetch(release, progress=False)
+
+
+@pytest.mark.parametrize("forged", ["identity", "identity_and_sha256"])
+def test_a_forged_stamp_does_not_skip_the_checksum(forged, server, tmp_path):
+    # a file placed by hand with a stamp written for it: its size, mtime (and all else the stamp records) and the URL
+    release, data = _publish(server, tmp_path)
+    path = tmp_path / "cache" / "weights" / "mae_vit_test.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(len(data)))
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "url": release.url}
+    if forged == "identity_and_sha256":  # the stamp format of this version, with the hash of the forged file
+        stamp.update(ctime_ns=st.st_ctime_ns, inode=st.st_ino, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    path.with_name(path.name + ".verified").write_text(json.dumps(stamp) + "\n")
+    with pytest.raises(CheckpointError, match="corrupt or another file"):
+        fetch(release, progress=False)
+    assert server.counts == {}
 
 
 def test_unreachable_host_is_one_line_with_url_and_place(tmp_path, monkeypatch):

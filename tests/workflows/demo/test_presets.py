@@ -28,7 +28,8 @@ def test_set_changes_preset_settings_and_refuses_unknown_keys():
                        ("detection.iters.x=1", "not a section"), ("probe.min_lr=0", "no setting probe.min_lr"),
                        ("pretrain.seed=3", "use --seeds"), ("budget=long", "use --budget"),
                        ("probe.k=abc", "is int"), ("detection=1", "is dict"), ("pretrain.blr=nan", "not a finite"),
-                       ("pretrain.epochs=2.5", "is int"), ("probe.k=[", "not a YAML value")):
+                       ("pretrain.epochs=2.5", "is int"), ("probe.k=[", "not a YAML value"),
+                       ("pretrain.trust_pickle=true", "reads only files it wrote")):
         with pytest.raises(ConfigError, match=words):
             presets.apply_settings(base, [bad])
     assert presets.apply_settings(base, ["pretrain.min_lr=0"])["pretrain"]["min_lr"] == 0  # an int for a float
