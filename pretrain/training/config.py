@@ -8,6 +8,7 @@ Precedence: DEFAULTS < recipe file (`--config`, itself merged over the recipes i
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,9 @@ def validate(cfg: dict[str, Any]) -> None:
 
     for key, kind in TYPES.items():
         check_type(key, cfg[key], kind)
+        # NaN passes every comparison below, and an infinite rate or factor is no setting: refused here
+        if kind.startswith("float") and cfg[key] is not None and not math.isfinite(cfg[key]):
+            bad(f"--{key} must be a finite number, got {cfg[key]}")
     for key, low in _MINIMUM.items():
         if cfg[key] is not None and cfg[key] < low:
             bad(f"--{key} must be >= {low}, got {cfg[key]}")
