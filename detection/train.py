@@ -25,6 +25,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig
 
 from pretrain.errors import ConfigError
+from pretrain.runlock import run_lock
 from pretrain.weights.releases import is_release_name
 
 from .checkpointer import SafeCheckpointer
@@ -164,8 +165,8 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
     trainer.train(start_iter, cfg.train.max_iter)
 
 
-def setup(args: argparse.Namespace) -> DictConfig:
-    """Register `--dataset`s and the built-in shapes, load the config with overrides, check it, set up logging."""
+def load_config(args: argparse.Namespace) -> DictConfig:
+    """Register `--dataset`s and the built-in shapes, load the config with overrides, and check it."""
     for name, json_file, image_root in args.dataset:
         register_coco_json(name, json_file, image_root)
     cfg = LazyConfig.load(args.config_file)
@@ -174,11 +175,16 @@ def setup(args: argparse.Namespace) -> DictConfig:
     check_overrides(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_config(cfg, args.eval_only)
+    return cfg
+
+
+def setup(cfg: DictConfig, args: argparse.Namespace) -> None:
+    """Claim the output folder for a training run (see `claim_output_dir`), then detectron2's set-up: logging,
+    seeds, the config saved beside the run."""
     if not args.eval_only:
         claim_output_dir(Path(cfg.train.output_dir), args.resume, args.overwrite)
     default_setup(cfg, args)
     _follow_stdout()
-    return cfg
 
 
 class _CurrentStdout:
@@ -201,8 +207,19 @@ def _follow_stdout() -> None:
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    """Entry point of every worker process; returns the evaluation results with `--eval-only`."""
-    cfg = setup(args)
+    """Entry point of every worker process; returns the evaluation results with `--eval-only`.
+
+    The main process holds the output folder's lock (`pretrain.runlock`) for the whole run, evaluation included
+    (it writes ap.json, config.yaml and logs there): a second run into the folder is refused.
+    """
+    cfg = load_config(args)
+    with run_lock(Path(cfg.train.output_dir), "train.output_dir", enabled=comm.is_main_process()):
+        return _run(cfg, args)
+
+
+def _run(cfg: DictConfig, args: argparse.Namespace) -> dict | None:
+    """Set up, then train (and evaluate), or evaluate only."""
+    setup(cfg, args)
     if not args.eval_only:
         do_train(args, cfg)
         return None
