@@ -25,6 +25,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig
 
 from pretrain.errors import ConfigError, DataError
+from pretrain.runlock import run_lock
 from pretrain.weights.releases import is_release_name, resolve_weights
 
 from .checkpointer import SafeCheckpointer
@@ -224,9 +225,9 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
     trainer.train(start_iter, cfg.train.max_iter)
 
 
-def setup(args: argparse.Namespace) -> DictConfig:
+def load_config(args: argparse.Namespace) -> tuple[DictConfig, list[str]]:
     """Register `--dataset`s and the built-in shapes, load the config with overrides, fit it to data without masks
-    (`fit_to_masks`), check it, set up logging."""
+    (`fit_to_masks`, whose notes `setup` logs) and check it."""
     for name, json_file, image_root in args.dataset:
         register_coco_json(name, json_file, image_root)
     cfg = LazyConfig.load(args.config_file)
@@ -236,13 +237,18 @@ def setup(args: argparse.Namespace) -> DictConfig:
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     notes = fit_to_masks(cfg, args.eval_only)
     check_config(cfg, args.eval_only)
+    return cfg, notes
+
+
+def setup(cfg: DictConfig, args: argparse.Namespace, notes: list[str]) -> None:
+    """Claim the output folder for a training run (see `claim_output_dir`), then detectron2's set-up: logging,
+    seeds, the config saved beside the run; then the notes of `load_config`."""
     if not args.eval_only:
         claim_output_dir(Path(cfg.train.output_dir), args.resume, args.overwrite)
     default_setup(cfg, args)
     _follow_stdout()
     for note in notes:
         logger.warning(note)
-    return cfg
 
 
 class _CurrentStdout:
@@ -265,8 +271,19 @@ def _follow_stdout() -> None:
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    """Entry point of every worker process; returns the evaluation results with `--eval-only`."""
-    cfg = setup(args)
+    """Entry point of every worker process; returns the evaluation results with `--eval-only`.
+
+    The main process holds the output folder's lock (`pretrain.runlock`) for the whole run, evaluation included
+    (it writes ap.json, config.yaml and logs there): a second run into the folder is refused.
+    """
+    cfg, notes = load_config(args)
+    with run_lock(Path(cfg.train.output_dir), "train.output_dir", enabled=comm.is_main_process()):
+        return _run(cfg, args, notes)
+
+
+def _run(cfg: DictConfig, args: argparse.Namespace, notes: list[str]) -> dict | None:
+    """Set up, then train (and evaluate), or evaluate only."""
+    setup(cfg, args, notes)
     if not args.eval_only:
         do_train(args, cfg)
         return None

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from .analysis.report import analyze_attention as analyze
 from .analysis.report import reconstruction_grids
+from .distributed import launch_rank
 from .errors import command
 from .training.config import load_config
 from .training.trainer import run
@@ -34,7 +34,7 @@ def log_to_stderr(name: str) -> None:
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
-    log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    log.setLevel(logging.INFO if launch_rank() == 0 else logging.WARNING)
 
 
 class _Stderr(logging.StreamHandler):

@@ -45,6 +45,11 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before the process group forms."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -19,14 +19,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from ..distributed import cleanup, init_distributed, resolve_device
+from ..distributed import cleanup, init_distributed, launch_rank, resolve_device
 from ..errors import CheckpointError, DataError
 from ..files import read_checkpoint
+from ..runlock import run_lock
 from ..training.checkpoint import LAST, load_checkpoint, resolve_resume
 from ..training.engine import NonFiniteLossError
 from ..training.layer_decay import param_groups_lrd
-from ..training.trainer import (Interrupted, TrainingDiverged, prepare_output_dir, save_checkpoint, seed_epoch,
-                                trim_log)
+from ..training.trainer import (TrainingDiverged, kept_checkpoint, prepare_output_dir, save_checkpoint, seed_epoch,
+                                stopped_error, trim_log)
 from ..weights.fit import load_model_weights
 from ..weights.formats import checkpoint_tensors
 from ..weights.releases import resolve_weights
@@ -41,15 +42,29 @@ BEST = "checkpoint-best.pth"
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune as configured, or with `eval` only evaluate `resume`; returns the per-epoch records (or the
-    evaluation) and the chance levels of `val/`."""
+    evaluation) and the chance levels of `val/`.
+
+    Raises:
+        FolderInUse: another run holds `output_dir` (`pretrain.runlock`; not taken by `eval`, which writes nothing).
+        Interrupted: Ctrl-C, or SIGTERM under a command line; the message says what was kept.
+        TrainingDiverged: a non-finite loss.
+    """
     device = resolve_device(cfg["device"])
-    rank, world = init_distributed(device)
-    try:
-        if cfg["eval"]:
+    if cfg["eval"]:
+        rank, world = init_distributed(device)
+        try:
             return evaluate_checkpoint(cfg, device, rank, world)
-        return _train(cfg, device, rank, world, Path(cfg["output_dir"]))
-    finally:
-        cleanup()
+        finally:
+            cleanup()
+    out = Path(cfg["output_dir"])
+    with run_lock(out, "--output_dir", enabled=launch_rank() == 0):
+        rank, world = init_distributed(device)
+        try:
+            return _train(cfg, device, rank, world, out)
+        except KeyboardInterrupt as e:  # in the set-up, before the first epoch
+            raise stopped_error(e, "before training", out, cfg) from None
+        finally:
+            cleanup()
 
 
 def _val_loader(val_set, cfg: dict[str, Any], rank: int, world: int) -> DataLoader:
@@ -162,13 +177,17 @@ def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out
         seed_epoch(cfg["seed"], epoch, rank)
         sampler.set_epoch(epoch)
         t0 = time.time()
-        stats = _epoch(ddp_model, criterion, loader, optimizer, device, epoch, cfg, peak_lr, mixup, writer, out)
-        test = evaluate(model, val_loader, device, num_classes)
-        record = {**{f"train_{k}": v for k, v in stats.items()}, **{f"test_{k}": v for k, v in test.items()},
-                  "epoch": epoch}
+        try:
+            stats = _epoch(ddp_model, criterion, loader, optimizer, device, epoch, cfg, peak_lr, mixup, writer, out)
+            test = evaluate(model, val_loader, device, num_classes)
+            record = {**{f"train_{k}": v for k, v in stats.items()}, **{f"test_{k}": v for k, v in test.items()},
+                      "epoch": epoch}
+            if main:
+                best = _record_epoch(record, model, optimizer, resolved, best, out, writer)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under a command line: in training or a checkpoint write
+            raise stopped_error(e, f"in epoch {epoch}", out, cfg) from None
         history.append(record)
         if main:
-            best = _record_epoch(record, model, optimizer, resolved, best, out, writer)
             logger.info("epoch %d: loss %.4f, Acc@1 %.2f Acc@5 %.2f (best %.2f, chance %.1f), %.0fs", epoch,
                         stats["loss"], test["acc1"], test["acc5"], best, 100 * chance["uniform"], time.time() - t0)
     if writer is not None:
@@ -178,15 +197,12 @@ def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out
 
 def _epoch(model, criterion, loader, optimizer, device, epoch: int, cfg: dict[str, Any], peak_lr: float, mixup,
            writer, out: Path) -> dict[str, float]:
-    """One epoch, with a non-finite loss and Ctrl-C turned into one-line errors that name the kept checkpoint."""
-    kept = (f"the kept checkpoint {out / LAST} is from epoch {epoch - 1}" if (out / LAST).exists()
-            else "no checkpoint was written yet")
+    """One epoch, with a non-finite loss turned into a one-line error that names the kept checkpoint."""
     try:
         return train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, peak_lr, mixup, writer)
     except NonFiniteLossError as e:
-        raise TrainingDiverged(f"{e}; stopping before saving it: {kept}; lower --blr or check the data") from None
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted in epoch {epoch}: {kept}; continue with --resume auto") from None
+        raise TrainingDiverged(f"{e}; stopping before saving it: {kept_checkpoint(out)}; lower --blr or check the "
+                               "data") from None
 
 
 def _record_epoch(record: dict[str, Any], model, optimizer, resolved: dict[str, Any], best: float, out: Path,

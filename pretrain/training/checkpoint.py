@@ -1,11 +1,14 @@
-"""Resume checkpoints of the trainer: `{"model", "optimizer", "scaler", "epoch", "config"}`.
+"""Resume checkpoints of the trainer: `{"model", "optimizer", "scaler", "epoch", "config", "loss_window"}`.
 
-State dicts, an int and a plain dict, so `torch.load(path, weights_only=True)` reads them; they are written with
-`pretrain.files.save_atomic`. The model keys are those of the official MAE / CrossMAE code, so released
-checkpoints load into our models and ours into theirs.
+State dicts, an int, a plain dict and a list of floats (the divergence guard's recent losses; older checkpoints
+lack it), so `torch.load(path, weights_only=True)` reads them; they are written with `pretrain.files.save_atomic`.
+The model keys are those of the official MAE / CrossMAE code, so released checkpoints load into our models and ours
+into theirs.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,15 +17,18 @@ from ..errors import CheckpointError
 from ..files import read_checkpoint
 
 LAST = "checkpoint-last.pth"
+_NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
 
 
-def make_checkpoint(model: torch.nn.Module, optimizer, scaler, epoch: int, config: dict) -> dict:
+def make_checkpoint(model: torch.nn.Module, optimizer, scaler, epoch: int, config: dict,
+                    loss_window: Sequence[float] = ()) -> dict:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
         "config": dict(config),
+        "loss_window": [float(x) for x in loss_window],
     }
 
 
@@ -40,11 +46,29 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
     return ckpt
 
 
+def numbered_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-<epoch>.pth` files of a run's folder, oldest epoch first."""
+    found = [(int(m[1]), p) for p in Path(output_dir).glob("checkpoint-*.pth") if (m := _NUMBERED.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """'' -> None; 'auto' -> OUTPUT_DIR/checkpoint-last.pth if it exists; else the given path."""
+    """'' -> None; 'auto' -> the checkpoint a run in OUTPUT_DIR left: `checkpoint-last.pth`, else its newest
+    `checkpoint-<epoch>.pth`, else None (a new run); any other value -> that path."""
     if not resume:
         return None
     if resume == "auto":
         last = Path(output_dir) / LAST
-        return last if last.is_file() else None
+        numbered = [p for p in numbered_checkpoints(output_dir) if p.is_file()]
+        return last if last.is_file() else numbered[-1] if numbered else None
     return Path(resume)
+
+
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """The epoch a resume checkpoint of this trainer holds, read without loading its tensors (memory-mapped, so at
+    once even for a large one, e.g. when a run stops); None for a missing or unreadable file."""
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: no epoch to report
+        return None
+    return epoch if isinstance(epoch, int) else None

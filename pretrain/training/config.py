@@ -8,6 +8,7 @@ Precedence: DEFAULTS < recipe file (`--config`, itself merged over the recipes i
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "snapshot_every": 0,  # epochs between weights-only snapshots (0: none; else also one at step 0)
     "vis_every": 10,  # epochs between reconstruction grids
     "log_every": 10,  # iterations between TensorBoard scalars
-    "loss_spike_factor": 10.0,  # stop when an iteration's loss exceeds this x the median of the last ones (0: off)
+    "loss_spike_factor": 10.0,  # stop at a loss over this x the recent median (0: off; rule: engine.SpikeGuard)
     "overwrite": False,  # replace an earlier run in output_dir instead of refusing
     "trust_pickle": False,  # command line only: let --resume / --init_from files unpickle Python objects
 }
@@ -126,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_images", action=argparse.BooleanOptionalAction,
                    help="decode image files once and keep them in memory (small sets)")
     p.add_argument("--init_from", help="start from the encoder tensors of this checkpoint instead of a fresh init")
-    p.add_argument("--output_dir")
-    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' for OUTPUT_DIR/checkpoint-last.pth")
+    p.add_argument("--output_dir", help="the run's folder; a second run into a folder in use is refused")
+    p.add_argument("--resume", help="checkpoint to resume from, or 'auto': OUTPUT_DIR/checkpoint-last.pth, else its "
+                                    "newest checkpoint-<epoch>.pth, else a new run (the log says which)")
     p.add_argument("--num_workers", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
@@ -137,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis_every", type=int)
     p.add_argument("--log_every", type=int)
     p.add_argument("--loss_spike_factor", type=float,
-                   help="stop when an iteration's loss exceeds this x the median of the last 50 (default 10; 0: off)")
+                   help="stop when an iteration's loss exceeds this x the median of the last 50 (restored on resume; "
+                        "taken as at least 1 while fewer than 20 are known), from the second iteration of a new run "
+                        "and the first of a resumed one (default 10; 0: off; non-finite losses always stop)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier run in --output_dir instead of refusing (see --resume auto)")
     p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,
@@ -201,6 +205,9 @@ def validate(cfg: dict[str, Any]) -> None:
 
     for key, kind in TYPES.items():
         check_type(key, cfg[key], kind)
+        # NaN passes every comparison below, and an infinite rate or factor is no setting: refused here
+        if kind.startswith("float") and cfg[key] is not None and not math.isfinite(cfg[key]):
+            bad(f"--{key} must be a finite number, got {cfg[key]}")
     for key, low in _MINIMUM.items():
         if cfg[key] is not None and cfg[key] < low:
             bad(f"--{key} must be >= {low}, got {cfg[key]}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -19,22 +20,30 @@ class NonFiniteLossError(RuntimeError):
 
 
 class SpikeGuard:
-    """Flags a loss more than `factor` x the median of the last `window` losses, once `warm` are seen.
+    """Flags an absurd loss: one over `factor` x the median of the last `window` losses, a diverging run's mark.
 
-    A diverging run (MAE losses of order 1 jumping to 1e7) is then stopped at its first spike, before an
-    epoch of it is saved; `factor` 0 turns the guard off.
+    The median counts as at least `floor` while fewer than `warm` losses are known: an untrained model's loss on
+    normalised pixels is about 1, so a few small early losses (batches of flat images) cannot make ordinary ones
+    look like spikes. A new run's first loss, taken before any update, is the first reference; a resumed run gets
+    its losses back from the checkpoint (`recent`), so the guard holds from its first iteration. `factor` 0 turns
+    it off (the caller stops non-finite losses regardless).
     """
 
-    def __init__(self, factor: float, window: int = 50, warm: int = 20) -> None:
-        self.factor, self.window, self.warm = factor, window, warm
-        self.recent: list[float] = []
+    def __init__(self, factor: float, recent: Sequence[float] = (), window: int = 50, warm: int = 20,
+                 floor: float = 1.0) -> None:
+        self.factor, self.window, self.warm, self.floor = factor, window, warm, floor
+        self.recent = [float(x) for x in recent if math.isfinite(x)][-window:]
 
     def __call__(self, loss: float) -> str | None:
-        """None for an ordinary loss; else why it is a spike."""
-        if self.factor and len(self.recent) >= self.warm:
+        """None for an ordinary loss (which joins the window); else why it is a spike."""
+        if self.factor and self.recent:
             median = sorted(self.recent)[len(self.recent) // 2]
-            if loss > self.factor * median:
-                return f"loss {loss:.4g} is over {self.factor:g} x the median {median:.4g} of the last {len(self.recent)}"
+            floored = len(self.recent) < self.warm and median < self.floor
+            if loss > self.factor * (self.floor if floored else median):
+                reference = (f"{self.floor:g}, the least a median of fewer than {self.warm} losses counts as"
+                             if floored else f"{median:.4g}, the median of the last {len(self.recent)} loss"
+                             + ("es" if len(self.recent) > 1 else ""))
+                return f"loss {loss:.4g} is over {self.factor:g} x {reference}"
         self.recent = (self.recent + [loss])[-self.window:]
         return None
 

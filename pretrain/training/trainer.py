@@ -22,13 +22,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..analysis.figures import reconstruction_panels, save_reconstruction_grid
 from ..data.images import BuiltinImages, RobustImages, build_dataset, eval_transform
-from ..distributed import cleanup, init_distributed, resolve_device
-from ..errors import CheckpointError, ConfigError, DataError, UserError
+from ..distributed import cleanup, init_distributed, launch_rank, resolve_device
+from ..errors import CheckpointError, ConfigError, DataError, UserError, interrupt_name, interrupt_status
 from ..files import save_atomic, write_text_atomic
 from ..models import create_model
+from ..runlock import run_lock
 from ..weights.fit import load_model_weights
 from ..weights.loading import load_encoder_into
-from .checkpoint import LAST, load_checkpoint, make_checkpoint, resolve_resume
+from .checkpoint import LAST, checkpoint_epoch, load_checkpoint, make_checkpoint, numbered_checkpoints, resolve_resume
 from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .optim import build_optimizer, fused_by_default
@@ -42,7 +43,8 @@ class TrainingDiverged(UserError):
 
 
 class Interrupted(UserError):
-    """Ctrl-C during training; the message names the checkpoint that was kept. Exit status 130."""
+    """Ctrl-C or SIGTERM during a run; the message names the checkpoint that was kept. Exit status 130 for Ctrl-C,
+    143 for SIGTERM (`errors.interrupt_status`)."""
 
     exit_code = 130
 
@@ -76,32 +78,48 @@ def _vis_images(cfg: dict[str, Any], dataset, device: torch.device) -> torch.Ten
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train as configured; returns {"epochs": [per-epoch stats], "output_dir": ...}."""
+    """Train as configured; returns {"epochs": [per-epoch stats], "output_dir": ...}.
+
+    Raises:
+        FolderInUse: another run holds `output_dir` (`pretrain.runlock`).
+        Interrupted: Ctrl-C, or SIGTERM under a command line; the message says what was kept.
+        TrainingDiverged: a non-finite or spiking loss, or non-finite weights.
+    """
     device = resolve_device(cfg["device"])
-    rank, world = init_distributed(device)
     out = Path(cfg["output_dir"])
-    try:
-        return _run(cfg, device, rank, world, out)
-    finally:
-        cleanup()
+    # torchrun's first process holds the folder, from before the process group forms: a refusal then ends that
+    # process alone, and torchrun stops the others, instead of leaving them waiting for it
+    with run_lock(out, "--output_dir", enabled=launch_rank() == 0):
+        rank, world = init_distributed(device)
+        try:
+            return _run(cfg, device, rank, world, out)
+        except KeyboardInterrupt as e:  # in the set-up, before the first epoch
+            raise stopped_error(e, "before training", out, cfg) from None
+        finally:
+            cleanup()
 
 
 _RUN_FILES = (LAST, "config.yaml", "log.txt")
 
 
+def earlier_run(out: Path) -> list[str]:
+    """What in `out` shows an earlier run: its log, configuration, and any checkpoint or snapshot."""
+    found = [f for f in _RUN_FILES if (out / f).exists()]
+    found += [p.name for p in numbered_checkpoints(out)]
+    return found + [f"snapshots/{p.name}" for p in sorted((out / "snapshots").glob("step-*.pth"))]
+
+
 def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
-    """Make `out` ready for a run: a writable folder holding no earlier run unless resuming or overwriting.
+    """Make `out` (made and locked by `run_lock`) ready for a run: writable, holding no earlier run unless
+    resuming or overwriting.
 
     Also removes temporary files that a kill during an atomic save leaves behind. With `overwrite`, an earlier
     run's checkpoints, logs, snapshots, figures and TensorBoard events are deleted first.
 
     Raises:
-        ConfigError: `out` is a file, cannot be written, or holds an earlier run (without resume / overwrite).
+        ConfigError: `out` cannot be written, or holds an earlier run (without resume / overwrite).
     """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {out} is a file; give a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -109,7 +127,7 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
         raise ConfigError(f"--output_dir {out} cannot be written ({e.strerror}); pick a folder you can write") from None
     for tmp in out.glob(".*.tmp"):  # left by a kill during save_atomic; the file it was replacing is intact
         tmp.unlink()
-    earlier = [f for f in _RUN_FILES if (out / f).exists()]
+    earlier = earlier_run(out)
     if not earlier or resuming:
         return
     if not overwrite:
@@ -179,14 +197,17 @@ def _loader(cfg: dict[str, Any], dataset, device: torch.device, rank: int, world
 
 
 def _resume(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            cfg: dict[str, Any]) -> int:
-    """Load a resume checkpoint into the model, optimizer and scaler; returns the epoch to start at."""
+            cfg: dict[str, Any]) -> tuple[int, SpikeGuard]:
+    """Load a resume checkpoint into the model, optimizer and scaler; returns the epoch to start at and the
+    divergence guard with the run's recent losses (none from a checkpoint older than them)."""
     ckpt = load_checkpoint(resume, cfg["trust_pickle"])
     _check_resumable(ckpt, resume, cfg)
     load_model_weights(model, ckpt["model"], source=str(resume))
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt.get("scaler", {}))
-    return int(ckpt["epoch"]) + 1
+    window = ckpt.get("loss_window")
+    window = [x for x in window if isinstance(x, float)] if isinstance(window, list) else []
+    return int(ckpt["epoch"]) + 1, SpikeGuard(cfg["loss_spike_factor"], window)
 
 
 def _start_records(cfg: dict[str, Any], resolved: dict[str, Any], out: Path, start_epoch: int, model, dataset,
@@ -206,11 +227,12 @@ def _start_records(cfg: dict[str, Any], resolved: dict[str, Any], out: Path, sta
 
 
 def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str, Any], out: Path, model, optimizer,
-                  scaler, steps_per_epoch: int, writer: SummaryWriter, vis: tuple[torch.Tensor, torch.Tensor]) -> None:
+                  scaler, spike: SpikeGuard, steps_per_epoch: int, writer: SummaryWriter,
+                  vis: tuple[torch.Tensor, torch.Tensor]) -> None:
     """The main process's record of a finished epoch: numbered checkpoint, snapshot, reconstruction grid, log line,
     TensorBoard scalars, and last `checkpoint-last.pth`, which marks the epoch done."""
     epoch = stats["epoch"]
-    ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved)
+    ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved, spike.recent)
     if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
         save_checkpoint(ckpt, out / f"checkpoint-{epoch}.pth")
     if cfg["snapshot_every"] and ((epoch + 1) % cfg["snapshot_every"] == 0 or epoch + 1 == cfg["epochs"]):
@@ -227,21 +249,64 @@ def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str
     save_checkpoint(ckpt, out / LAST)
 
 
+def kept_checkpoint(out: Path) -> str:
+    """What a stopped run left to resume from, read from the folder at the time it stopped (a stop may land just
+    before or just after a checkpoint's write)."""
+    path = resolve_resume("auto", out)
+    epoch = None if path is None else checkpoint_epoch(path)
+    return "no checkpoint was written yet" if epoch is None else f"the kept checkpoint {path} is from epoch {epoch}"
+
+
+def stopped_error(e: KeyboardInterrupt, where: str, out: Path, cfg: dict[str, Any]) -> Interrupted:
+    """The one-line error of a run stopped by Ctrl-C or SIGTERM: what was kept, and how to go on."""
+    kept = kept_checkpoint(out)
+    given = cfg["resume"] not in ("", "auto") and kept.startswith("no checkpoint")
+    error = Interrupted(f"{interrupt_name(e)} {where}: {kept}; continue with --resume "
+                        f"{cfg['resume'] if given else 'auto'}")
+    error.exit_code = interrupt_status(e)
+    return error
+
+
 def _train_epoch(model, ddp_model, loader, optimizer, scaler, device: torch.device, epoch: int, cfg: dict[str, Any],
                  peak_lr: float, writer: SummaryWriter | None, spike: SpikeGuard, out: Path) -> dict[str, Any]:
-    """One epoch, with divergence and Ctrl-C turned into one-line errors that name the kept checkpoint."""
-    last = out / LAST
-    kept = (f"the kept checkpoint {last} is from epoch {epoch - 1}" if last.exists()
-            else "no checkpoint was written yet")
+    """One epoch, with divergence turned into one-line errors that name the kept checkpoint."""
     try:
         stats = train_one_epoch(ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike)
     except NonFiniteLossError as e:
-        raise TrainingDiverged(f"{e}; stopping before saving it: {kept}; lower --blr or check the data") from None
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted in epoch {epoch}: {kept}; continue with --resume auto") from None
+        raise TrainingDiverged(f"{e}; stopping before saving it: {kept_checkpoint(out)}; lower --blr or check the "
+                               "data") from None
     if not _finite(model):
-        raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; stopping before saving them: {kept}")
+        raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; stopping before saving them: "
+                               f"{kept_checkpoint(out)}")
     return {"epoch": epoch, **stats}
+
+
+def _build(cfg: dict[str, Any], device: torch.device, world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                                                          torch.amp.GradScaler, float, dict[str, Any]]:
+    """The model (same initial weights on every process, or `init_from`'s encoder), its optimizer and scaler, the
+    peak lr, and the resolved configuration that checkpoints store."""
+    seed_epoch(cfg["seed"], -1, 0)
+    model = create_model(cfg)
+    if cfg["init_from"]:
+        for line in load_encoder_into(model, cfg["init_from"], cfg["trust_pickle"]).lines():
+            logger.info("init_from %s", line.strip())
+    model.to(device)
+    peak_lr = resolve_lr(cfg, world)
+    resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world,
+                "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world}
+    optimizer = build_optimizer(model, peak_lr, cfg["weight_decay"], fused=fused_by_default(device))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the format
+    return model, optimizer, scaler, peak_lr, resolved
+
+
+def _say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch: int) -> None:
+    """One line: where the run resumes from, or that `--resume auto` found nothing and starts a new run."""
+    if resume is not None:
+        numbered = cfg["resume"] == "auto" and resume.name != LAST
+        logger.info("resuming from %s (epoch %d done) at epoch %d%s", resume, start_epoch - 1, start_epoch,
+                    f" (there is no {LAST}: the newest numbered checkpoint)" if numbered else "")
+    elif cfg["resume"] == "auto":
+        logger.info("--resume auto: no checkpoint in %s, starting a new run", out)
 
 
 def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path) -> dict[str, Any]:
@@ -253,51 +318,38 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
                             cache_images=cfg["cache_images"])
     loader, steps_per_epoch = _loader(cfg, dataset, device, rank, world)
-
-    seed_epoch(cfg["seed"], -1, 0)  # same initial weights on every process
-    model = create_model(cfg)
-    if cfg["init_from"]:
-        for line in load_encoder_into(model, cfg["init_from"], cfg["trust_pickle"]).lines():
-            logger.info("init_from %s", line.strip())
-    model.to(device)
-    peak_lr = resolve_lr(cfg, world)
-    resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world,
-                "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world}
-    optimizer = build_optimizer(model, peak_lr, cfg["weight_decay"], fused=fused_by_default(device))
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the format
-
-    start_epoch = 0 if resume is None else _resume(resume, model, optimizer, scaler, cfg)
+    model, optimizer, scaler, peak_lr, resolved = _build(cfg, device, world)
+    start_epoch, spike = ((0, SpikeGuard(cfg["loss_spike_factor"])) if resume is None
+                          else _resume(resume, model, optimizer, scaler, cfg))
     if start_epoch >= cfg["epochs"]:
         logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
                        "train further", resume, start_epoch - 1, cfg["epochs"])
         return {"epochs": [], "output_dir": str(out), "complete": True}
-    if main and resume is not None:
-        logger.info("resumed from %s at epoch %d", resume, start_epoch)
-    if main:
-        trim_log(out, start_epoch)
-
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     writer, vis = None, None
     if main:
+        _say_resume(cfg, out, resume, start_epoch)
+        trim_log(out, start_epoch)
         writer, vis = _start_records(cfg, resolved, out, start_epoch, model, dataset, device)
         logger.info("%s on %s, %d process(es): %d images, %d iterations/epoch, lr %.3g (blr %.3g), effective batch %d",
                     cfg["model"], device, world, len(dataset), len(dataset) // (cfg["batch_size"] * world), peak_lr,
-                    cfg["blr"],
-                    resolved["effective_batch_size"])
+                    cfg["blr"], resolved["effective_batch_size"])
     history = []
-    spike = SpikeGuard(cfg["loss_spike_factor"])
     for epoch in range(start_epoch, cfg["epochs"]):
-        seed_epoch(cfg["seed"], epoch, rank)
-        loader.sampler.set_epoch(epoch)
-        t0 = time.time()
-        stats = _train_epoch(model, ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike,
-                             out)
+        try:
+            seed_epoch(cfg["seed"], epoch, rank)
+            loader.sampler.set_epoch(epoch)
+            t0 = time.time()
+            stats = _train_epoch(model, ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer,
+                                 spike, out)
+            if main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
+                _record_epoch(stats, cfg, resolved, out, model, optimizer, scaler, spike, steps_per_epoch, writer, vis)
+                logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", epoch, stats["loss"], stats["lr"],
+                            stats["images_per_s"], time.time() - t0,
+                            f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under a command line: in training or a checkpoint write
+            raise stopped_error(e, f"in epoch {epoch}", out, cfg) from None
         history.append(stats)
-        if main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
-            _record_epoch(stats, cfg, resolved, out, model, optimizer, scaler, steps_per_epoch, writer, vis)
-            logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", epoch, stats["loss"], stats["lr"],
-                        stats["images_per_s"], time.time() - t0,
-                        f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")
     if writer is not None:
         writer.close()
     return {"epochs": history, "output_dir": str(out)}

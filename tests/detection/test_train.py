@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
+from pretrain.runlock import run_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
@@ -93,6 +95,18 @@ def test_train_net_refuses_an_output_folder_holding_a_run(tmp_path, one_error_li
     (out / "metrics.json").write_text("{}\n")
     assert detection_cli.train_net(["--config-file", SMOKE, f"train.output_dir={out}"]) == 2
     one_error_line("holds an earlier run", "--resume", "--overwrite")
+
+
+@pytest.mark.parametrize("mode", [[], ["--resume"], ["--eval-only"]])
+def test_train_net_refuses_an_output_folder_in_use_naming_the_holders_pid(mode, tmp_path, one_error_line):
+    out = tmp_path / "det"
+    weights = tmp_path / "w.pth"
+    torch.save({"model": {}}, weights)
+    with run_lock(out):  # as a first train_net (or pretraining, or demo) holds it
+        assert detection_cli.train_net(["--config-file", SMOKE, *mode, f"train.output_dir={out}",
+                                        f"train.init_checkpoint={weights if mode == ['--eval-only'] else ''}"]) == 2
+    one_error_line("train.output_dir", "in use by another run", f"PID {os.getpid()}")
+    assert [p.name for p in out.iterdir()] == [".lock"]  # nothing of the second run was written
 
 
 def test_an_image_of_another_size_than_its_json_says_is_one_line(tmp_path, one_error_line):

@@ -19,7 +19,8 @@ interruption, or with more seeds to add runs; --fresh starts over):
      table labelled a pipeline check, with the evidence.
 
 A preset (configs/demo/<name>.yaml) holds every setting; `--budget NAME` merges the preset's `budgets: NAME:`
-over it, and writes to OUTPUT/<budget>/ unless --output says otherwise. Steps run two at a time (`--jobs`),
+over it, and writes to OUTPUT/<budget>/ unless --output says otherwise; a second demo into an OUTPUT in use is
+refused (each pretraining and detector also holds its own folder). Steps run two at a time (`--jobs`),
 each on half the threads, under one progress bar per seed; every run's own output goes to its log file.
 
 Modules, in the order a run uses them: `presets` (presets, budgets, --set), `data` (the detection set's files,

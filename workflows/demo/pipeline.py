@@ -12,6 +12,7 @@ from typing import Any
 
 from detection.schedule import vitdet_milestones
 from pretrain.errors import ConfigError
+from pretrain.runlock import LOCK_FILE, run_lock
 
 from .curves import curve_task
 from .data import detection_sets, folder_images, pretraining_folder
@@ -122,6 +123,9 @@ def run(output: str | Path | None = None, preset: str = "tiny", seeds: Sequence[
     `jobs` runs side by side (default `plan_jobs`): the two pretrainings, the two curves and the detectors run
     that many at a time, each on its share of the threads. Results do not depend on it beyond the run-to-run
     spread of multi-threaded float sums. `settings` are `KEY=VALUE` items over the preset (`apply_settings`).
+
+    Raises:
+        FolderInUse: another demo holds the output folder (`pretrain.runlock`); nothing in it is touched.
     """
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
@@ -131,16 +135,28 @@ def run(output: str | Path | None = None, preset: str = "tiny", seeds: Sequence[
     jobs, threads = plan_jobs(jobs)
     out = Path(output if output is not None else "demo_output" if budget is None else f"demo_output/{budget}")
     out = out.resolve()  # summaries store paths: valid from any working directory
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
+    with run_lock(out, "--output"):  # one demo per folder; its pretrainings and detectors lock their own
+        if fresh:
+            _clear(out)
+        t_start = time.time()
+        sets = detection_sets(cfg)
+        data = pretraining_folder(sets, out)
+        gflops = {m: forward_gflops(m, cfg) for m in METHODS}
+        log(f"{jobs} run(s) at a time, {threads} thread(s) each"
+            + ("; --jobs 1 runs one at a time" if jobs > 1 else ""))
+        with worker_pool(jobs) as pool:  # a failed or interrupted run stops the rest: atomic writes, train_net killed
+            runs = [run_seed(cfg, out / f"seed{seed}", seed, data, sets, gflops, pool, jobs, threads)
+                    for seed in seeds]
+        cfg["parallel"] = {"jobs": jobs, "threads": threads}
+        return write_report(out, cfg, runs, gflops, sets, time.time() - t_start)
 
-    sets = detection_sets(cfg)
-    data = pretraining_folder(sets, out)
-    gflops = {m: forward_gflops(m, cfg) for m in METHODS}
-    log(f"{jobs} run(s) at a time, {threads} thread(s) each" + ("; --jobs 1 runs one at a time" if jobs > 1 else ""))
-    with worker_pool(jobs) as pool:  # a failed or interrupted run stops the rest: atomic writes, train_net killed
-        runs = [run_seed(cfg, out / f"seed{seed}", seed, data, sets, gflops, pool, jobs, threads) for seed in seeds]
-    cfg["parallel"] = {"jobs": jobs, "threads": threads}
-    return write_report(out, cfg, runs, gflops, sets, time.time() - t_start)
+
+def _clear(out: Path) -> None:
+    """Delete everything in `out` but its lock file, which must stay the one this demo holds."""
+    for path in out.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

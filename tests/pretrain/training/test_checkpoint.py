@@ -8,6 +8,7 @@ import yaml
 
 from pretrain import cli as pretrain_cli
 from pretrain.models import create_model
+from pretrain.training.checkpoint import resolve_resume
 from pretrain.training.trainer import run
 
 
@@ -16,7 +17,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path, tiny_cfg):
     run(cfg)
     out = Path(cfg["output_dir"])
     ckpt = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "config"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "config", "loss_window"}
     assert ckpt["epoch"] == 0 and ckpt["config"]["model"] == cfg["model"]
     assert (out / "checkpoint-0.pth").is_file() and (out / "recon" / "epoch_0000.png").is_file()
     model = create_model(cfg)
@@ -53,3 +54,13 @@ def test_unusable_resume_checkpoints_are_one_line(kind, message, tmp_path, tiny_
     assert pretrain_cli.pretrain(["--config", str(recipe), "--resume", str(path), "--output_dir",
                                   str(tmp_path / "o")]) == 2
     one_error_line(message)
+
+
+def test_resume_auto_takes_checkpoint_last_else_the_newest_numbered_checkpoint(tmp_path):
+    assert resolve_resume("auto", tmp_path) is None and resolve_resume("", tmp_path) is None
+    for name in ("checkpoint-2.pth", "checkpoint-10.pth", "checkpoint-9.pth", "checkpoint-x.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoint-10.pth"  # by epoch, not by name
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"")
+    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoint-last.pth"
+    assert resolve_resume("some.pth", tmp_path) == Path("some.pth")

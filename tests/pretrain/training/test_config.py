@@ -7,6 +7,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
+from pretrain import cli as pretrain_cli
 from pretrain.errors import ConfigError
 from pretrain.models import create_model
 from pretrain.training.config import DEFAULTS, load_config, load_recipe, resolve_lr
@@ -245,3 +246,21 @@ def test_broken_yaml_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="is not valid YAML") as e:
         load_config(["--config", str(tmp_path / "r.yaml")])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv", [["--lr", "inf"], ["--blr", "nan"], ["--weight_decay", "nan"], ["--min_lr", "nan"],
+                                  ["--loss_spike_factor", "nan"], ["--warmup_epochs", "inf"], ["--mask_ratio", "nan"],
+                                  ["--loss_spike_factor", "-1"], ["--weight_decay", "inf"]])
+def test_non_finite_and_negative_numbers_are_refused_as_inputs(argv, capsys, one_error_line):
+    flag, value = argv
+    with pytest.raises(ConfigError, match=f"{flag} must be") as e:
+        load_config(argv)
+    assert "\n" not in str(e.value)
+    assert pretrain_cli.pretrain([*argv, "--output_dir", "/nonexistent/never-made"]) == 2
+    one_error_line(f"{flag} must be", value if value != "-1" else ">= 0")
+
+
+def test_a_non_finite_number_in_a_recipe_is_refused(tmp_path):
+    (tmp_path / "r.yaml").write_text("lr: .inf\n")
+    with pytest.raises(ConfigError, match="--lr must be a finite number, got inf"):
+        load_config(["--config", str(tmp_path / "r.yaml")])

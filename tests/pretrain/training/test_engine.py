@@ -1,5 +1,5 @@
-"""One training epoch (`pretrain.training.engine`): gradient accumulation as the official trainers do it, and the
-partial last group."""
+"""One training epoch (`pretrain.training.engine`): gradient accumulation as the official trainers do it, the
+partial last group, and the divergence guard's rule."""
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from pretrain.errors import ConfigError
 from pretrain.training.config import load_config
-from pretrain.training.engine import optimizer_steps_per_epoch, train_one_epoch
+from pretrain.training.engine import SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from pretrain.training.trainer import run
 
 
@@ -75,3 +75,16 @@ def test_an_epoch_under_the_bf16_policy_forced_on_cpu(tmp_path, monkeypatch, tin
     weights = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)["model"]
     floats = [v for v in weights.values() if v.is_floating_point()]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)
+
+
+def test_the_spike_guard_holds_from_the_second_loss_and_from_a_restored_window():
+    fresh = SpikeGuard(10.0)
+    # the tests' tiny run at --blr 1e3: its first loss, taken before any update, has nothing to be compared with
+    assert fresh(1.28) is None and fresh(1.22) is None
+    assert fresh(2.83e4) == "loss 2.83e+04 is over 10 x 1.28, the median of the last 2 losses"
+    early = SpikeGuard(10.0)  # while fewer than 20 losses are known, the median counts as at least 1
+    assert [early(x) for x in (0.02, 0.5, 0.6, 9.0)] == [None] * 4
+    assert early(10.5) == "loss 10.5 is over 10 x 1, the least a median of fewer than 20 losses counts as"
+    resumed = SpikeGuard(10.0, recent=[0.4] * 50)  # a late run's losses, as its checkpoint stores them
+    assert resumed(4.1) is not None and SpikeGuard(10.0, recent=[0.4] * 50)(3.9) is None
+    assert SpikeGuard(0.0)(1.0) is None and SpikeGuard(0.0, recent=[1.0])(1e30) is None  # 0: off

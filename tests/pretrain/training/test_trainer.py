@@ -3,6 +3,8 @@
 keeps the last finished epoch, leftover temporary files are cleaned, unusable output folders are one-line errors."""
 import json
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from pretrain import cli as pretrain_cli
 from pretrain import files as files_mod
 from pretrain.errors import CheckpointError
 from pretrain.models import create_model
+from pretrain.runlock import run_lock
 from pretrain.training import trainer
 from pretrain.training.trainer import TrainingDiverged, read_log, run, seed_epoch
 
@@ -85,6 +88,16 @@ def test_init_from_starts_another_method_from_the_same_encoder(tmp_path, tiny_cf
 
 # ------------------------------------------------------------------------------------------ no silent overwrite or loss
 
+def _recipe(tmp_path: Path, tiny_cfg, **kw) -> str:
+    """The tiny config as a recipe file (without its output folder), for runs through the command line."""
+    cfg = tiny_cfg(tmp_path, **kw)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({k: cfg[k] for k in ("model", "model_kwargs", "decoder_depth", "input_size",
+                                                          "batch_size", "epochs", "warmup_epochs", "builtin_size",
+                                                          "num_workers", "device", "seed", "blr", *kw)}))
+    return str(recipe)
+
+
 def test_a_used_output_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys, tiny_cfg, one_error_line):
     cfg = tiny_cfg(tmp_path, epochs=1)
     run(cfg)
@@ -112,7 +125,7 @@ def test_a_kill_before_the_epoch_is_marked_done_loses_nothing(tmp_path, monkeypa
         real(obj, path)
 
     monkeypatch.setattr(trainer, "save_atomic", killed_at_epoch_1_last)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(trainer.Interrupted, match="in epoch 1: the kept checkpoint .* is from epoch 0"):
         run(part)
     monkeypatch.undo()
     run({**part, "resume": "auto"})
@@ -172,11 +185,7 @@ def test_ctrl_c_keeps_the_checkpoint_says_where_and_exits_130(tmp_path, monkeypa
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
     out = tmp_path / "run"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({k: v for k, v in tiny_cfg(tmp_path).items() if k in
-                                      ("model", "model_kwargs", "decoder_depth", "input_size", "batch_size", "epochs",
-                                       "warmup_epochs", "builtin_size", "num_workers", "device")}))
-    assert pretrain_cli.pretrain(["--config", str(recipe), "--output_dir", str(out)]) == 130
+    assert pretrain_cli.pretrain(["--config", _recipe(tmp_path, tiny_cfg), "--output_dir", str(out)]) == 130
     one_error_line("interrupted in epoch 1", "is from epoch 0", "--resume auto")
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
 
@@ -199,3 +208,102 @@ def test_unusable_output_folders_are_one_line(case, tmp_path, one_error_line):
     finally:
         tmp_path.chmod(0o700)
     one_error_line(needle)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_with_the_holders_pid(tmp_path, tiny_cfg, one_error_line):
+    out = tmp_path / "run"
+    with run_lock(out):  # as the first run holds it
+        assert pretrain_cli.pretrain(["--config", _recipe(tmp_path, tiny_cfg), "--output_dir", str(out)]) == 2
+    one_error_line("--output_dir", "in use by another run", f"PID {os.getpid()}")
+    assert [p.name for p in out.iterdir()] == [".lock"]  # nothing of the second run was written
+
+
+def test_a_folder_of_numbered_checkpoints_is_a_run_that_resume_auto_continues(tmp_path, tiny_cfg, caplog,
+                                                                              one_error_line):
+    first = tiny_cfg(tmp_path / "a", epochs=1)
+    run(first)
+    out = tmp_path / "b"
+    out.mkdir()
+    shutil.copy(Path(first["output_dir"]) / "checkpoint-0.pth", out)  # a numbered checkpoint, nothing else
+    recipe = _recipe(tmp_path, tiny_cfg)
+    assert pretrain_cli.pretrain(["--config", recipe, "--output_dir", str(out)]) == 2
+    one_error_line("holds an earlier run (checkpoint-0.pth)", "--resume auto", "--overwrite")
+    assert [p.name for p in out.glob("*.pth")] == ["checkpoint-0.pth"]
+    result = run({**first, "output_dir": str(out), "epochs": 2, "resume": "auto"})
+    assert [s["epoch"] for s in result["epochs"]] == [1]
+    assert f"resuming from {out / 'checkpoint-0.pth'} (epoch 0 done) at epoch 1" in caplog.text
+    caplog.clear()
+    run({**first, "output_dir": str(tmp_path / "new"), "resume": "auto"})
+    assert f"--resume auto: no checkpoint in {tmp_path / 'new'}, starting a new run" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ divergence from iteration 0
+
+def test_resuming_a_healthy_run_with_an_absurd_lr_stops_at_once_and_keeps_its_checkpoint(tmp_path, tiny_cfg,
+                                                                                           one_error_line):
+    out, recipe = tmp_path / "run", _recipe(tmp_path, tiny_cfg, epochs=1)
+    assert pretrain_cli.pretrain(["--config", recipe, "--output_dir", str(out)]) == 0
+    healthy = (out / "checkpoint-last.pth").read_bytes()
+    assert pretrain_cli.pretrain(["--config", recipe, "--output_dir", str(out), "--resume", "auto", "--epochs", "2",
+                                  "--blr", "1e3"]) == 2
+    # the resumed run's first loss is compared with the losses stored in the checkpoint, its second is the first
+    # after an update at lr 16
+    one_error_line("median", "epoch 1, iteration 1", "kept checkpoint", "is from epoch 0", "lower --blr")
+    assert (out / "checkpoint-last.pth").read_bytes() == healthy and len(read_log(out)) == 1
+
+
+def test_a_fresh_run_that_blows_up_stops_in_its_first_epoch_with_nothing_saved(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(tmp_path, blr=1e3)
+    with pytest.raises(TrainingDiverged, match="epoch 0, iteration [1-3];.*no checkpoint was written yet"):
+        run(cfg)
+    assert not list(Path(cfg["output_dir"]).glob("checkpoint-*.pth"))
+
+
+def test_checkpoints_keep_the_guards_losses_and_older_ones_without_them_still_resume(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(tmp_path, epochs=1)
+    run(cfg)
+    last = Path(cfg["output_dir"]) / "checkpoint-last.pth"
+    ckpt = torch.load(last, weights_only=True)
+    assert len(ckpt["loss_window"]) == 4 and all(0.5 < x < 2 for x in ckpt["loss_window"])  # 4 iterations
+    del ckpt["loss_window"]
+    torch.save(ckpt, last)
+    assert [s["epoch"] for s in run({**cfg, "epochs": 2, "resume": "auto"})["epochs"]] == [1]
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C and SIGTERM
+
+def test_ctrl_c_during_a_checkpoint_write_says_what_was_kept(tmp_path, monkeypatch, tiny_cfg, one_error_line):
+    real = trainer.save_atomic
+
+    def interrupted(obj, path):
+        if Path(path).name == "checkpoint-last.pth" and obj["epoch"] == 1:
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(trainer, "save_atomic", interrupted)
+    out = tmp_path / "run"
+    assert pretrain_cli.pretrain(["--config", _recipe(tmp_path, tiny_cfg), "--output_dir", str(out)]) == 130
+    one_error_line("interrupted in epoch 1", f"kept checkpoint {out / 'checkpoint-last.pth'} is from epoch 0",
+                   "--resume auto")
+
+
+def test_sigterm_keeps_the_checkpoint_says_where_and_exits_143(tmp_path, monkeypatch, tiny_cfg, one_error_line):
+    real = trainer.train_one_epoch
+
+    def terminated(*args, **kwargs):
+        if args[5] == 1:  # epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def unhandled(*_):
+        raise AssertionError("SIGTERM reached the default handling, which ends the process without a word")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", terminated)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        out = tmp_path / "run"
+        assert pretrain_cli.pretrain(["--config", _recipe(tmp_path, tiny_cfg), "--output_dir", str(out)]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    one_error_line("terminated (SIGTERM) in epoch 1", "is from epoch 0", "--resume auto")
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
