@@ -6,14 +6,17 @@ import os
 # before torch is first imported (below, or by any test module): its CPU thread pool reads this once
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import pickle  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from PIL import Image  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
@@ -203,6 +206,26 @@ def probe_shapes(tmp_path_factory) -> Path:
     """A small built-in shapes set in COCO format (6 train, 3 val images of 64 px, seed 1) for the object probe."""
     folder = tmp_path_factory.mktemp("probe_shapes") / "set"
     write_builtin_shapes(folder, num_train=6, num_val=3, image_size=64, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def counted_objects(tmp_path_factory) -> Path:
+    """A COCO-format set of known class counts for the probe's chance levels: categories a, b, c, d (ids 1-4); train
+    holds 3 a, 1 b, 1 c and val 2 a, 1 b, 2 d, each object a 16 px box on one 64 px noise image per split. Chance:
+    1 / 4 classes = 0.25; always answering a (train's most frequent) scores 2 / 5 = 0.4 on val. Returns the folder
+    holding train.json, val.json and the images."""
+    folder = tmp_path_factory.mktemp("counted_objects")
+    counts = {"train": [1, 1, 1, 2, 3], "val": [1, 1, 2, 4, 4]}  # category ids of the objects
+    rng = np.random.default_rng(0)
+    for split, ids in counts.items():
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{split}.png")
+        anns = [{"id": i + 1, "image_id": 1, "category_id": c, "bbox": [12 * i, 8 * (i % 3), 16, 16], "area": 256,
+                 "iscrowd": 0, "segmentation": [[12 * i, 0, 12 * i + 16, 0, 12 * i + 16, 16]]}
+                for i, c in enumerate(ids)]
+        (folder / f"{split}.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": f"{split}.png", "width": 64, "height": 64}], "annotations": anns,
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate("abcd")]}))
     return folder
 
 
