@@ -245,3 +245,13 @@ def test_broken_yaml_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="is not valid YAML") as e:
         load_config(["--config", str(tmp_path / "r.yaml")])
     assert "\n" not in str(e.value)
+
+
+def test_help_names_the_run_folder_the_step0_snapshot_and_the_fair_comparison(capsys):
+    with pytest.raises(SystemExit):
+        load_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("config.yaml", "checkpoint-last.pth", "log.txt", "tensorboard/", "recon/", "snapshots/step-0000000.pth",
+                  "the same --seed alone", "docs/pretraining.md#fair-comparison"):
+        assert words in text, words
+    assert "\n## Fair comparison\n" in (ROOT / "docs" / "pretraining.md").read_text()
