@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pretrain.errors import ConfigError, DataError
 from pretrain.evaluation.health import token_stats
 from pretrain.evaluation.objects import read_coco_objects
-from pretrain.evaluation.probe import score_features
+from pretrain.evaluation.probe import chance_levels, score_features
 
 from .checkpointer import SafeCheckpointer
 from .lazyconfig import check_overrides
@@ -178,8 +178,8 @@ def run_detector_probe(checkpoint: str | Path | None, config_file: str | Path, t
         probe_args: `pretrain.evaluation.probe.score_features`' k, temperature and linear-probe arguments.
 
     Returns:
-        A JSON-ready dict: checkpoint, config, view, source, roi_size, sample and class counts, the accuracies
-        and the per-block feature health of the val images.
+        A JSON-ready dict: checkpoint, config, view, source, roi_size, sample and class counts, the accuracies,
+        their chance levels (`chance_levels`) and the per-block feature health of the val images.
     """
     model, cfg = build_detector(config_file, checkpoint, overrides, trust_pickle, seed)
     augs = [instantiate(a) for a in cfg.dataloader.test.mapper.augmentations]
@@ -193,4 +193,5 @@ def run_detector_probe(checkpoint: str | Path | None, config_file: str | Path, t
             "roi_size": roi_size, "feature_dim": feats["train"][0].shape[1], "train_samples": len(sets["train"].labels),
             "val_samples": len(sets["val"].labels), "classes": sets["train"].classes,
             "knn": {"accuracy": scores["knn"]}, "linear": {"accuracy": scores["linear"]},
+            "chance": chance_levels(sets["train"].labels, sets["val"].labels, len(sets["train"].classes)),
             "feature_health": feats["val"][1]}

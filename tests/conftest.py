@@ -6,6 +6,7 @@ import os
 # before torch is first imported (below, or by any test module): its CPU thread pool reads this once
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import pickle  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -222,6 +223,26 @@ def colour_folder(tmp_path_factory) -> Path:
                 pixels = np.clip(np.array(colour) + rng.normal(0, 50, (40, 40, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def counted_objects(tmp_path_factory) -> Path:
+    """A COCO-format set of known class counts for the probe's chance levels: categories a, b, c, d (ids 1-4); train
+    holds 3 a, 1 b, 1 c and val 2 a, 1 b, 2 d, each object a 16 px box on one 64 px noise image per split. Chance:
+    1 / 4 classes = 0.25; always answering a (train's most frequent) scores 2 / 5 = 0.4 on val. Returns the folder
+    holding train.json, val.json and the images."""
+    folder = tmp_path_factory.mktemp("counted_objects")
+    counts = {"train": [1, 1, 1, 2, 3], "val": [1, 1, 2, 4, 4]}  # category ids of the objects
+    rng = np.random.default_rng(0)
+    for split, ids in counts.items():
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{split}.png")
+        anns = [{"id": i + 1, "image_id": 1, "category_id": c, "bbox": [12 * i, 8 * (i % 3), 16, 16], "area": 256,
+                 "iscrowd": 0, "segmentation": [[12 * i, 0, 12 * i + 16, 0, 12 * i + 16, 16]]}
+                for i, c in enumerate(ids)]
+        (folder / f"{split}.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": f"{split}.png", "width": 64, "height": 64}], "annotations": anns,
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate("abcd")]}))
+    return folder
 
 
 @pytest.fixture(scope="session")

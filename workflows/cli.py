@@ -14,7 +14,7 @@ from pretrain.errors import ConfigError, command
 from pretrain.evaluation.health import health_line
 from pretrain.evaluation.features import POOLS
 from pretrain.evaluation.objects import ObjectCrops, image_folder
-from pretrain.evaluation.probe import run_probe
+from pretrain.evaluation.probe import chance_text, run_probe
 from pretrain.files import check_output_file, write_json_atomic
 from pretrain.finetune.config import load_config as load_finetune_config
 from pretrain.finetune.trainer import run as run_finetune
@@ -65,10 +65,8 @@ def finetune(argv: Sequence[str] | None = None) -> None:
     log_to_stderr("finetune")
     result = run_finetune(cfg)
     if cfg["eval"]:
-        chance = result["chance"]
-        print(f"* Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.3f} "
-              f"({result['images']} images; chance {100 * chance['uniform']:.1f} uniform, "
-              f"{100 * chance['majority']:.1f} majority class)")
+        print(f"* Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.3f} on "
+              f"{result['images']} images (chance: {chance_text(result['chance'], result['classes'])})")
 
 
 @command
@@ -184,9 +182,7 @@ def probe(argv: Sequence[str] | None = None) -> None:
     print(f"feature health of block {result['block']}: {health_line(result['feature_health'][1 + result['block']])}",
           file=sys.stderr)
     _write_json(a.output, result)
-    print(f"{Path(a.checkpoint).name}: k-NN {result['knn']['accuracy']:.3f}, linear {result['linear']['accuracy']:.3f} "
-          f"({a.pool} features of block {result['block']}; {result['train_samples']} train / "
-          f"{result['val_samples']} val {what}, {len(result['classes'])} classes)")
+    _print_summary(a.checkpoint, result, f"{a.pool} features of block {result['block']}", what)
 
 
 def _detector_probe(a: argparse.Namespace) -> None:
@@ -205,9 +201,14 @@ def _detector_probe(a: argparse.Namespace) -> None:
     last = result["feature_health"][-1]
     print(f"feature health of the last block: {health_line(last)}", file=sys.stderr)
     _write_json(a.output, result)
-    print(f"{Path(a.checkpoint).name}: k-NN {result['knn']['accuracy']:.3f}, linear {result['linear']['accuracy']:.3f} "
-          f"(detector view: {source} RoIAligned {a.roi_size} x {a.roi_size}; {result['train_samples']} train / "
-          f"{result['val_samples']} val objects, {len(result['classes'])} classes)")
+    _print_summary(a.checkpoint, result, f"detector view: {source} RoIAligned {a.roi_size} x {a.roi_size}", "objects")
+
+
+def _print_summary(checkpoint: str, result: dict, features: str, what: str) -> None:
+    """The probe's one line: both accuracies, the chance levels they compare with, then what was probed."""
+    print(f"{Path(checkpoint).name}: k-NN {result['knn']['accuracy']:.3f}, linear {result['linear']['accuracy']:.3f} "
+          f"(chance: {chance_text(result['chance'], result['classes'])}; {features}; {result['train_samples']} train / "
+          f"{result['val_samples']} val {what}, {len(result['classes'])} classes)")
 
 
 def _write_json(path: str | None, result: dict) -> None:

@@ -32,7 +32,8 @@ from .health import encoder_health
 
 HEALTH_SAMPLES = 64  # val images whose tokens the feature-health statistics are taken over
 
-__all__ = ["knn_classify", "LinearHead", "linear_probe", "accuracy", "score_features", "probe_summary", "run_probe"]
+__all__ = ["knn_classify", "LinearHead", "linear_probe", "accuracy", "chance_levels", "chance_text", "score_features",
+           "probe_summary", "run_probe"]
 
 
 def knn_classify(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, num_classes: int,
@@ -122,6 +123,26 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
 
 
+def chance_levels(train_labels: torch.Tensor, val_labels: torch.Tensor, num_classes: int) -> dict[str, float | int]:
+    """What a probe scores on `val_labels` without any features, the baselines its accuracies are read against.
+
+    Returns:
+        {"uniform": 1 / num_classes (a uniform guess), "majority": the val accuracy of always answering the most
+        frequent class of `train_labels` (ties: the lowest index), "majority_class": that class's index}.
+    """
+    majority = int(torch.bincount(train_labels, minlength=num_classes).argmax())
+    return {"uniform": 1.0 / num_classes, "majority": int((val_labels == majority).sum()) / len(val_labels),
+            "majority_class": majority}
+
+
+def chance_text(chance: dict[str, float | int], classes: list[str]) -> str:
+    """`1/4 classes 0.250, majority class 'circle' 0.400` from `chance_levels` (the class index where `classes` is
+    empty)."""
+    n = round(1 / chance["uniform"])
+    name = repr(classes[chance["majority_class"]]) if classes else chance["majority_class"]
+    return f"1/{n} classes {chance['uniform']:.3f}, majority class {name} {chance['majority']:.3f}"
+
+
 def score_features(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor, val_labels: torch.Tensor,
                    num_classes: int, *, k: int = 20, temperature: float = 0.07, device: torch.device | None = None,
                    **linear_args: Any) -> dict[str, float]:
@@ -150,7 +171,8 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
 
     Returns:
         A JSON-ready dict: checkpoint, model, epoch, block, pool, sample and class counts,
-        {"knn": {"k", "temperature", "accuracy"}, "linear": {..., "accuracy"}}, and "feature_health": the
+        {"knn": {"k", "temperature", "accuracy"}, "linear": {..., "accuracy"}}, "chance" (`chance_levels`), and
+        "feature_health": the
         `pretrain.evaluation.health.encoder_health` of the embedded input and every block over up to 64 val images.
     """
     for name, value in (("k", k), ("epochs", epochs), ("batch_size", batch_size), ("extract_batch_size",
@@ -180,4 +202,4 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
             "train_samples": len(train), "val_samples": len(val), "classes": classes,
             "knn": {"k": k, "temperature": temperature, "accuracy": scores["knn"]},
             "linear": {**linear_args, "accuracy": scores["linear"]},
-            "feature_health": health}
+            "chance": chance_levels(train_set.labels, val_set.labels, num_classes), "feature_health": health}

@@ -21,7 +21,7 @@ from torchvision import datasets, transforms
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, open_rgb
 from ..errors import DataError
 
-__all__ = ["LabelledImages", "build_transform", "build_splits", "build_mixup", "build_criterion", "chance_levels"]
+__all__ = ["LabelledImages", "build_transform", "build_splits", "build_mixup", "build_criterion"]
 
 logger = logging.getLogger(__name__)
 _MAX_REPLACEMENTS = 16
@@ -125,10 +125,3 @@ def build_criterion(cfg: dict[str, Any], mixup: Mixup | None) -> torch.nn.Module
     if cfg["smoothing"] > 0:
         return LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
     return torch.nn.CrossEntropyLoss()
-
-
-def chance_levels(targets: list[int], num_classes: int) -> dict[str, float]:
-    """What accuracy means nothing on a split: guessing uniformly (1 / classes) and always naming its most
-    frequent class (the majority rate)."""
-    counts = torch.bincount(torch.tensor(targets), minlength=num_classes)
-    return {"uniform": 1.0 / num_classes, "majority": float(counts.max()) / max(len(targets), 1)}

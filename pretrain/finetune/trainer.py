@@ -21,6 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..distributed import cleanup, init_distributed, launch_rank, resolve_device
 from ..errors import CheckpointError, DataError
+from ..evaluation.probe import chance_levels, chance_text
 from ..files import read_checkpoint
 from ..runlock import run_lock
 from ..training.checkpoint import LAST, load_checkpoint, resolve_resume
@@ -32,7 +33,7 @@ from ..weights.fit import load_model_weights
 from ..weights.formats import checkpoint_tensors
 from ..weights.releases import resolve_weights
 from .config import resolve_lr
-from .data import build_criterion, build_mixup, build_splits, chance_levels
+from .data import build_criterion, build_mixup, build_splits
 from .engine import evaluate, train_one_epoch
 from .model import build_classifier, load_pretrained
 
@@ -42,7 +43,7 @@ BEST = "checkpoint-best.pth"
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune as configured, or with `eval` only evaluate `resume`; returns the per-epoch records (or the
-    evaluation) and the chance levels of `val/`.
+    evaluation), the class names and the chance levels of `val/` (`pretrain.evaluation.probe.chance_levels`).
 
     Raises:
         FolderInUse: another run holds `output_dir` (`pretrain.runlock`; not taken by `eval`, which writes nothing).
@@ -109,11 +110,10 @@ def evaluate_checkpoint(cfg: dict[str, Any], device: torch.device, rank: int = 0
                              **cfg["model_kwargs"])
     load_model_weights(model, state_dict, source=cfg["resume"])
     stats = evaluate(model.to(device), _val_loader(val_set, cfg, rank, world), device, num_classes)
-    chance = chance_levels(val_set.targets, num_classes)
-    logger.info("%s: Acc@1 %.3f Acc@5 %.3f loss %.3f on %d images (chance: %.1f%% uniform, %.1f%% majority class)",
-                cfg["resume"], stats["acc1"], stats["acc5"], stats["loss"], stats["images"], 100 * chance["uniform"],
-                100 * chance["majority"])
-    return {**stats, "chance": chance, "checkpoint": str(cfg["resume"])}
+    val = torch.tensor(val_set.targets)
+    # the majority class is the training set's, recorded in our checkpoints; else val's own
+    chance = (ckpt.get("config") or {}).get("chance") or chance_levels(val, val, num_classes)
+    return {**stats, "chance": chance, "classes": val_set.classes, "checkpoint": str(cfg["resume"])}
 
 
 def _build(cfg: dict[str, Any], num_classes: int, resume: Path | None, world: int):
@@ -161,7 +161,7 @@ def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out
     loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True)
     val_loader = _val_loader(val_set, cfg, rank, world)
-    chance = chance_levels(val_set.targets, num_classes)
+    chance = chance_levels(torch.tensor(train_set.targets), torch.tensor(val_set.targets), num_classes)
     resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world, "num_classes": num_classes,
                 "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world, "chance": chance}
     ddp_model = DistributedDataParallel(model) if world > 1 else model
@@ -169,9 +169,8 @@ def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * 1000 if start_epoch else None)
-        logger.info("%s on %s, %d process(es): %d train / %d val images, %d classes (chance %.1f%%), lr %.3g",
-                    cfg["model"], device, world, len(train_set), len(val_set), num_classes, 100 * chance["uniform"],
-                    peak_lr)
+        logger.info("%s on %s, %d process(es): %d train / %d val images, lr %.3g; chance: %s", cfg["model"], device,
+                    world, len(train_set), len(val_set), peak_lr, chance_text(chance, train_set.classes))
     history = []
     for epoch in range(start_epoch, cfg["epochs"]):
         seed_epoch(cfg["seed"], epoch, rank)
@@ -192,7 +191,8 @@ def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out
                         stats["loss"], test["acc1"], test["acc5"], best, 100 * chance["uniform"], time.time() - t0)
     if writer is not None:
         writer.close()
-    return {"epochs": history, "best_acc1": best, "chance": chance, "output_dir": str(out)}
+    return {"epochs": history, "best_acc1": best, "chance": chance, "classes": train_set.classes,
+            "output_dir": str(out)}
 
 
 def _epoch(model, criterion, loader, optimizer, device, epoch: int, cfg: dict[str, Any], peak_lr: float, mixup,

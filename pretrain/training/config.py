@@ -94,7 +94,13 @@ def resolve_lr(cfg: dict[str, Any], world_size: int) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags follow MAE's main_pretrain.py; every default is None so only given flags override."""
-    p = argparse.ArgumentParser("MAE / CrossMAE pretraining", argument_default=None)
+    p = argparse.ArgumentParser("MAE / CrossMAE pretraining", argument_default=None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+        "Writes into --output_dir: config.yaml, checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth\n"
+        "(every --save_every epochs and the last), log.txt, tensorboard/, recon/ (every --vis_every epochs)\n"
+        "and, with --snapshot_every, snapshots/.\n"
+        "MAE against CrossMAE from one step-0 encoder, with the not-pretrained control and the probe:\n"
+        "docs/pretraining.md#fair-comparison"))
     p.add_argument("--config", help="recipe YAML, e.g. configs/pretrain/crossmae_vit_base_800ep.yaml")
     p.add_argument("--model", help="registered model name, e.g. crossmae_vit_base_patch16")
     p.add_argument("--batch_size", type=int, help="batch size per process")
@@ -126,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--builtin_size", type=int, help="number of built-in images (with --data_path builtin)")
     p.add_argument("--cache_images", action=argparse.BooleanOptionalAction,
                    help="decode image files once and keep them in memory (small sets)")
-    p.add_argument("--init_from", help="start from the encoder tensors of this checkpoint instead of a fresh init")
-    p.add_argument("--output_dir", help="the run's folder; a second run into a folder in use is refused")
+    p.add_argument("--init_from", help="start from the encoder tensors of this weights file or release name instead "
+                                       "of a fresh init, e.g. another run's snapshots/step-0000000.pth to start two "
+                                       "methods from one encoder (the same --seed alone gives MAE and CrossMAE "
+                                       "different ones)")
+    p.add_argument("--output_dir", help="the run's folder (default output/pretrain); what it holds: below; a second "
+                                        "run into a folder in use is refused")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto': OUTPUT_DIR/checkpoint-last.pth, else its "
                                     "newest checkpoint-<epoch>.pth, else a new run (the log says which)")
     p.add_argument("--num_workers", type=int)
@@ -135,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--save_every", type=int)
     p.add_argument("--snapshot_every", type=int,
-                   help="epochs between weights-only snapshots in OUTPUT_DIR/snapshots/ (0: none)")
+                   help="epochs between weights-only snapshots OUTPUT_DIR/snapshots/step-<step>.pth (0: none, the "
+                        "default); a new run with snapshots also writes snapshots/step-0000000.pth, its weights "
+                        "before the first step")
     p.add_argument("--vis_every", type=int)
     p.add_argument("--log_every", type=int)
     p.add_argument("--loss_spike_factor", type=float,

@@ -91,6 +91,19 @@ def test_cli_detector_view_writes_json_and_one_line(probe_shapes, tmp_path, caps
     assert result["feature_dim"] == 32 * 4 * 4 and len(result["feature_health"]) == 2
 
 
+def test_cli_detector_view_states_the_chance_levels(counted_objects, tmp_path, capsys, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "m.pth")
+    args = [str(ckpt), "--view", "detector", "--config-file", SMOKE, "--dataset", "dv_counted_t",
+            str(counted_objects / "train.json"), str(counted_objects), "--dataset", "dv_counted_v",
+            str(counted_objects / "val.json"), str(counted_objects), "--train", "dv_counted_t", "--val", "dv_counted_v",
+            "--k", "3", "--epochs", "2", "--output", str(tmp_path / "probe.json")]
+    assert cli.probe(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "(chance: 1/4 classes 0.250, majority class 'a' 0.400; detector view" in out[0]
+    assert json.loads((tmp_path / "probe.json").read_text())["chance"] == {"uniform": 0.25, "majority": 0.4,
+                                                                           "majority_class": 0}
+
+
 @pytest.mark.parametrize("case, message", [
     ("not_weights", "is corrupt or not a torch checkpoint (no pickle torch can read)"),
     ("wider", "does not match the target config"),

@@ -61,6 +61,20 @@ def test_cli_writes_json_and_one_line_and_reuses_cached_features(probe_shapes, t
     assert json.loads((tmp_path / "probe.json").read_text()) == result
 
 
+def test_cli_prints_and_writes_the_chance_levels_beside_the_accuracies(counted_objects, tmp_path, capsys,
+                                                                      tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "m.pth")
+    args = [str(ckpt), "--dataset", "counted_t", str(counted_objects / "train.json"), str(counted_objects),
+            "--dataset", "counted_v", str(counted_objects / "val.json"), str(counted_objects), "--train", "counted_t",
+            "--val", "counted_v", "--epochs", "2", "--k", "3", "--device", "cpu", "--output", str(tmp_path / "p.json")]
+    assert cli.probe(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "(chance: 1/4 classes 0.250, majority class 'a' 0.400; spatial features" in out[0]
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["chance"] == {"uniform": 0.25, "majority": 0.4, "majority_class": 0}
+    assert result["classes"][result["chance"]["majority_class"]] == "a"
+
+
 @pytest.mark.parametrize("case, message", [
     ("detectron2", "detectron2 (detection) checkpoint"),
     ("block", "--block 5 is outside the encoder's 2 blocks"),

@@ -32,7 +32,7 @@ def test_finetune_then_eval_prints_accuracy_beside_chance(tmp_path, colour_folde
     line = capsys.readouterr().out.strip().splitlines()[-1]
     best = max(r["test_acc1"] for r in log)
     assert line.startswith(f"* Acc@1 {best:.3f} Acc@5 100.000")
-    assert "32 images; chance 25.0 uniform, 25.0 majority" in line
+    assert "on 32 images (chance: 1/4 classes 0.250, majority class 'blue' 0.250)" in line
 
 
 def test_data_without_val_and_a_bad_layer_decay_are_one_line_errors(tmp_path, colour_folder,

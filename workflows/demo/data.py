@@ -10,11 +10,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 from detection.lazyconfig import config_datasets
-from pretrain.evaluation.objects import ObjectCrops
+from pretrain.evaluation.objects import ObjectCrops, read_coco_objects
+from pretrain.evaluation.probe import chance_levels
 
 from .presets import DEMO_CONFIGS
 
-__all__ = ["detection_sets", "images_of", "pretraining_folder", "folder_images", "probe_sets"]
+__all__ = ["detection_sets", "images_of", "pretraining_folder", "folder_images", "probe_sets", "object_chance"]
 
 
 def detection_sets(preset: dict) -> dict[str, tuple[str, str]]:
@@ -56,3 +57,12 @@ def probe_sets(sets: dict[str, tuple[str, str]], input_size: int) -> dict[str, T
         out[split] = TensorDataset(images, crops.labels)
         out[split].labels, out[split].classes = crops.labels, crops.classes
     return out
+
+
+def object_chance(sets: dict[str, tuple[str, str]]) -> tuple[dict[str, float | int], list[str]]:
+    """The chance levels of the object probes on these sets (`chance_levels`: train's labels, scored on val's),
+    and the class names."""
+    classes, train = read_coco_objects(sets["train"][0])
+    _, val = read_coco_objects(sets["val"][0])
+    labels = [torch.tensor([label for _, _, label in objects]) for objects in (train, val)]
+    return chance_levels(*labels, len(classes)), classes

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from detection.report import ap_cell, ap_table, mean_std
+from pretrain.evaluation.probe import chance_text
 from pretrain.files import write_text_atomic
 
+from .data import object_chance
 from .figures import write_figures
 from .labels import METHODS, NAMES, PIPELINE_CHECK, detector_label
 from .stats import describe, mean_std_text, report_numbers
 
-__all__ = ["write_report", "detector_view_section", "detection_section"]
+__all__ = ["write_report", "probe_section", "detector_view_section", "detection_section"]
 
 
 def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[str, float]],
@@ -30,12 +32,14 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
     """
     out = Path(out)
     numbers = report_numbers(runs, gflops)
+    chance, classes = object_chance(sets)
     write_figures(out, cfg, runs, numbers["ap"], sets["val"])
     pc = runs[0]["pretrain"]["mae"]["config"]
     lr = pc["lr"] if pc["lr"] is not None else pc["blr"] * pc["batch_size"] / 256
     report = {"preset": cfg["name"], "budget": cfg["budget"], "seeds": [r["seed"] for r in runs], "config": cfg,
               "lr": lr, "gflops": gflops, "cost": numbers["cost"], "probe_differences": numbers["probe_differences"],
-              "ap_differences": numbers["ap_differences"], "beats_control_every_seed": numbers["beats"],
+              "probe_chance": chance, "ap_differences": numbers["ap_differences"],
+              "beats_control_every_seed": numbers["beats"],
               "detection_ranks_backbones": bool(cfg["detection"].get("ranks_backbones")),
               "total_s": total_s,
               "runs": [{"seed": r["seed"], "curves": r["curves"],
@@ -44,7 +48,7 @@ def write_report(out: Path, cfg: dict, runs: list[dict], gflops: dict[str, dict[
                         "detection": {k: v[i] for k, v in numbers["ap"].items()}} for i, r in enumerate(runs)]}
     write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
     n_train = len(json.loads(Path(sets["train"][0]).read_text())["images"])
-    lines = (_intro(cfg, runs, numbers, lr, n_train, total_s) + _probe_section(cfg, numbers)
+    lines = (_intro(cfg, runs, numbers, lr, n_train, total_s) + probe_section(cfg, numbers, chance, classes)
              + detector_view_section(runs) + detection_section(cfg, runs, numbers) + _cost_section(numbers))
     text = "\n".join(lines)
     write_text_atomic(out / "report.md", text)
@@ -76,7 +80,9 @@ def _intro(cfg: dict, runs: list[dict], numbers: dict[str, Any], lr: float, n_tr
             f"{seed_text}. This invocation took {total_s / 60:.1f} min{_side_by_side(cfg)}.{changed}", ""]
 
 
-def _probe_section(cfg: dict, numbers: dict[str, Any]) -> list[str]:
+def probe_section(cfg: dict, numbers: dict[str, Any], chance: dict[str, float | int], classes: list[str]) -> list[str]:
+    """The object probe and feature health of each final encoder and the step-0 one, with the chance levels
+    (`pretrain.evaluation.probe.chance_levels`) of the objects."""
     probe, final, step0 = cfg["probe"], numbers["final"], numbers["step0"]
     block = "the last block" if probe["block"] == -1 else f"block {probe['block']}"
     lines = ["## Frozen encoder at the end of pretraining", "",
@@ -84,7 +90,8 @@ def _probe_section(cfg: dict, numbers: dict[str, Any]) -> list[str]:
              f"grid of {block}'s tokens; k-NN (k {probe['k']}, T {probe['temperature']}) and a linear probe "
              f"(BatchNorm + linear, {probe['epochs']} epochs) trained on the train split's objects, scored on the val "
              "split's. Held-out loss: normalised-pixel MSE over every masked patch of the val images, fixed masks, "
-             "both methods.", "",
+             "both methods. Chance on the val objects, for both probes and both views: "
+             f"{chance_text(chance, classes)} (always answering the train split's most frequent class).", "",
              "| encoder | k-NN | linear | held-out loss |", "|---|---|---|---|"]
     for name, points in [("not pretrained (step 0)", step0)] + [(NAMES[m], final[m]) for m in METHODS]:
         lines.append(f"| {name} | {mean_std_text([p['knn'] for p in points])} | "

@@ -1,8 +1,8 @@
 """The frozen-feature probe (`pretrain.evaluation.probe`): k-NN against a direct computation, the linear probe on
-separable data. (The probe's command line: tests/workflows/test_cli.py.)"""
+separable data, the chance levels. (The probe's command line: tests/workflows/test_cli.py.)"""
 import torch
 
-from pretrain.evaluation.probe import accuracy, knn_classify, linear_probe
+from pretrain.evaluation.probe import accuracy, chance_levels, chance_text, knn_classify, linear_probe
 
 
 def test_knn_equals_a_direct_computation():
@@ -36,3 +36,12 @@ def test_linear_probe_separates_a_linearly_separable_set():
     assert accuracy(lars, labels[n:]) > 0.98
     shuffled = linear_probe(x[:n], labels[:n][torch.randperm(n, generator=g)], x[n:], num_classes=3, epochs=20)
     assert accuracy(shuffled, labels[n:]) < 0.7  # it learns the labels, not something about the inputs
+
+
+def test_chance_is_one_over_the_classes_and_the_val_accuracy_of_the_train_sets_most_frequent_class():
+    train, val = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 1, 3, 3])
+    chance = chance_levels(train, val, num_classes=4)
+    assert chance == {"uniform": 0.25, "majority": 0.2, "majority_class": 0}
+    assert chance_levels(torch.tensor([2, 1, 1, 2]), torch.tensor([1, 2, 2]), 3)["majority_class"] == 1  # ties: lowest
+    assert chance_text(chance, ["a", "b", "c", "d"]) == "1/4 classes 0.250, majority class 'a' 0.200"
+    assert chance_text(chance, []) == "1/4 classes 0.250, majority class 0 0.200"

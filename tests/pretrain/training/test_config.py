@@ -264,3 +264,13 @@ def test_a_non_finite_number_in_a_recipe_is_refused(tmp_path):
     (tmp_path / "r.yaml").write_text("lr: .inf\n")
     with pytest.raises(ConfigError, match="--lr must be a finite number, got inf"):
         load_config(["--config", str(tmp_path / "r.yaml")])
+
+
+def test_help_names_the_run_folder_the_step0_snapshot_and_the_fair_comparison(capsys):
+    with pytest.raises(SystemExit):
+        load_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("config.yaml", "checkpoint-last.pth", "log.txt", "tensorboard/", "recon/", "snapshots/step-0000000.pth",
+                  "the same --seed alone", "docs/pretraining.md#fair-comparison"):
+        assert words in text, words
+    assert "\n## Fair comparison\n" in (ROOT / "docs" / "pretraining.md").read_text()

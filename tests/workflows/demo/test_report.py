@@ -1,9 +1,11 @@
-"""The demo report's detection section (`workflows.demo.report.detection_section`): a preset whose detection stage
-has not been shown to rank backbones gets its AP table labelled a pipeline check, with evidence that exists."""
+"""The demo report (`workflows.demo.report`): a preset whose detection stage has not been shown to rank backbones
+gets its AP table labelled a pipeline check, with evidence that exists; the probe section states the chance levels
+of the detection set's objects."""
 from detection.report import scored
-from workflows.demo.labels import DETECTION_EVIDENCE, PIPELINE_CHECK
+from workflows.demo.data import object_chance
+from workflows.demo.labels import DETECTION_EVIDENCE, METHODS, PIPELINE_CHECK
 from workflows.demo.presets import ROOT, load_preset, presets
-from workflows.demo.report import detection_section
+from workflows.demo.report import detection_section, probe_section
 
 
 def _numbers() -> dict:
@@ -23,3 +25,17 @@ def test_an_unproven_detection_stage_is_labelled_a_pipeline_check_with_its_evide
 def test_every_shipped_preset_says_whether_its_detection_stage_ranks_backbones():
     for name in presets():
         assert isinstance(load_preset(name)["detection"].get("ranks_backbones"), bool), name
+
+
+def test_the_probe_section_states_the_chance_levels_of_the_objects(counted_objects):
+    sets = {split: (str(counted_objects / f"{split}.json"), str(counted_objects)) for split in ("train", "val")}
+    chance, classes = object_chance(sets)
+    assert chance == {"uniform": 0.25, "majority": 0.4, "majority_class": 0} and classes == ["a", "b", "c", "d"]
+    health = {"std": 1.0, "dominance": 2.0, "token_norm": 3.0}
+    point = {"knn": 0.5, "linear": 0.6, "heldout_loss": 1.0, "health": health}
+    numbers = {"final": {m: [point] for m in METHODS}, "step0": [point], "probe_differences": {},
+               "beats": {m: {"knn": True, "linear": True} for m in METHODS}}
+    cfg = {"probe": {"block": -1, "k": 20, "temperature": 0.07, "epochs": 100}}
+    text = "\n".join(probe_section(cfg, numbers, chance, classes))
+    assert ("Chance on the val objects, for both probes and both views: 1/4 classes 0.250, majority class 'a' 0.400"
+            in text)
