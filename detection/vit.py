@@ -4,7 +4,8 @@ Follows detectron2's ViTDet (`detectron2/modeling/backbone/vit.py` and `utils.py
 main; "Exploring Plain Vision Transformer Backbones for Object Detection", arXiv 2203.16527) with the same
 constructor arguments and state-dict keys, so LazyConfigs and checkpoints move between the two unchanged.
 Differences: attention runs through `F.scaled_dot_product_attention` with the decomposed relative position
-as an additive mask (`attn_impl="eager"` keeps the explicit softmax), activation checkpointing uses
+as an additive mask (`attn_impl="eager"` keeps the explicit softmax; `"folded"` folds the relative position into
+the query and key channels, so no N x N bias is made: `folded_rel_pos_attention`), activation checkpointing uses
 `torch.utils.checkpoint`, the channels-first "LN" norm that detectron2 v0.6 lacks is provided here, and
 `SimpleFeaturePyramid` pads its input to `square_pad` itself, which detectron2 v0.6 does not do.
 """
@@ -26,7 +27,9 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import _assert_strides_are_log2_contiguous
 
 __all__ = ["LayerNorm", "get_norm", "window_partition", "window_unpartition", "get_rel_pos", "rel_pos_bias",
-           "get_abs_pos", "Attention", "Block", "ViT", "SimpleFeaturePyramid"]
+           "folded_rel_pos_attention", "get_abs_pos", "Attention", "Block", "ViT", "SimpleFeaturePyramid"]
+
+ATTN_IMPLS = ("sdpa", "eager", "folded")
 
 # detectron2's channels-first LayerNorm (eps 1e-6, params `weight`, `bias`) is the same op as timm's LayerNorm2d.
 LayerNorm = LayerNorm2d
@@ -105,6 +108,37 @@ def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tens
     return bias.reshape(*q.shape[:-2], q_h * q_w, k_h * k_w)
 
 
+def folded_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                             rel_pos_w: torch.Tensor, size: tuple[int, int], scale: float) -> torch.Tensor:
+    """Attention with the decomposed relative position of `rel_pos_bias`, without making its (N, N) bias.
+
+    The bias of query q and key k is `A[q, k_h] + B[q, k_w]` (k_h, k_w: the key's row and column), so it is the dot
+    product of the query's extra channels `[A[q, :], B[q, :]]` with the key's one-hot channels `[e(k_h), e(k_w)]`.
+    Appending those channels to the scaled queries and the keys gives the same logits in one fused
+    `scaled_dot_product_attention` (scale 1), whose kernels never hold the N x N scores; the values are padded with
+    zeros to the same width, which the fused CPU and CUDA kernels need, and the padding is cut off after.
+
+    Args:
+        q, k, v: (..., N, C) with N = h * w, queries unscaled.
+        rel_pos_h, rel_pos_w: the (Lh, C) and (Lw, C) tables.
+        size: the grid (h, w) of the N tokens (queries and keys).
+        scale: the logits' scale of q . k (C ** -0.5).
+
+    Returns:
+        (..., N, C), equal to softmax(scale * q k^T + rel_pos_bias) v.
+    """
+    h, w = size
+    r_q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])
+    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, get_rel_pos(h, h, rel_pos_h)).reshape(*q.shape[:-1], h)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, get_rel_pos(w, w, rel_pos_w)).reshape(*q.shape[:-1], w)
+    rows = torch.arange(h * w, device=q.device) // w
+    one_hot = torch.cat([F.one_hot(rows, h), F.one_hot(torch.arange(h * w, device=q.device) % w, w)], dim=-1)
+    q2 = torch.cat([q * scale, rel_h, rel_w], dim=-1)
+    k2 = torch.cat([k, one_hot.to(k.dtype).expand(*k.shape[:-1], h + w)], dim=-1)
+    v2 = F.pad(v, (0, h + w))
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :v.shape[-1]]
+
+
 def get_abs_pos(abs_pos: torch.Tensor, has_cls_token: bool, hw: tuple[int, int]) -> torch.Tensor:
     """Absolute position embedding at the pretraining grid, without its cls slot, resized (bicubic) to `hw`.
 
@@ -136,8 +170,8 @@ class Attention(nn.Module):
                  rel_pos_zero_init: bool = True, input_size: tuple[int, int] | None = None,
                  attn_impl: str = "sdpa") -> None:
         super().__init__()
-        if attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"attn_impl={attn_impl!r} is not supported; use 'sdpa' or 'eager'")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={attn_impl!r} is not supported; use one of {ATTN_IMPLS}")
         self.num_heads = num_heads
         self.attn_impl = attn_impl
         head_dim = dim // num_heads
@@ -156,10 +190,13 @@ class Attention(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         b, h, w, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.use_rel_pos and self.attn_impl == "folded":
+            x = folded_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
+            return self.proj(x.transpose(1, 2).reshape(b, h, w, -1))
         bias = None
         if self.use_rel_pos:  # (B, heads, HW, HW), from the unscaled queries as in ViTDet
             bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)).to(q.dtype)
-        if self.attn_impl == "sdpa":
+        if self.attn_impl in ("sdpa", "folded"):  # folded without relative positions is plain SDPA
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -236,7 +273,8 @@ class Block(nn.Module):
 class ViT(Backbone):
     """Plain ViT backbone of ViTDet; outputs `{out_feature: (B, embed_dim, H / patch, W / patch)}`.
 
-    Args are detectron2's (see its `ViT`); `attn_impl` ("sdpa" or "eager") picks the attention kernel, and
+    Args are detectron2's (see its `ViT`); `attn_impl` picks the attention kernel ("sdpa": an additive N x N mask;
+    "eager": detectron2's explicit softmax; "folded": `folded_rel_pos_attention`, no N x N tensor), and
     `freeze=True` (not in detectron2) keeps every ViT weight fixed and the ViT in eval mode (no drop path), so
     only the pyramid and the heads learn: the frozen-backbone evaluation of a pretrained encoder.
     `pos_embed` keeps its pretraining shape (1, [1 +] (pretrain_img_size // patch_size) ** 2, embed_dim)

@@ -5,8 +5,9 @@ Pretraining mode: for MAE and CrossMAE (each prediction ratio) at every input si
 `--sweep`, fvcore encoder/decoder GFLOPs per image, the median training-step time (forward, backward, AdamW;
 the variants interleaved step by step), peak memory (each variant in a fresh process) and every figure's ratio
 to MAE; on CUDA also model FLOPs utilisation. Writes benchmark.md, benchmark.json and benchmark.png.
-ViTDet mode (`--vitdet`): forward+backward time and peak memory of the ViT-B detection backbone with
-attn_impl "sdpa" against "eager"; writes vitdet.md and vitdet.json.
+ViTDet mode (`--vitdet`): forward+backward time and peak memory of the ViT-B detection backbone with each
+attention path (`attn_impl` sdpa, folded) against detectron2's explicit softmax ("eager"); writes vitdet.md and
+vitdet.json.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from detection.vit import ATTN_IMPLS  # noqa: E402
 from pretrain.distributed import resolve_device  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.models import VIT_SIZES, list_models  # noqa: E402
@@ -202,17 +204,19 @@ def plot_pretrain(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def measure_vitdet(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
-    """sdpa vs eager ViTDet backbone: output agreement, median fwd+bwd time and peak memory."""
+    """The ViTDet backbone's attention paths (`detection.vit.ATTN_IMPLS`: sdpa, eager = detectron2's explicit
+    softmax, folded) against eager: output agreement, median fwd+bwd time of interleaved steps, peak memory."""
     if cfg.vitdet_size % 16:
         raise ConfigError(f"--vitdet-size {cfg.vitdet_size} is not a multiple of the patch size 16")
-    workloads = [ViTDetWorkload(impl, impl, cfg.vitdet_size, cfg.batch_size) for impl in ("sdpa", "eager")]
+    workloads = [ViTDetWorkload(impl, impl, cfg.vitdet_size, cfg.batch_size) for impl in ATTN_IMPLS]
     steps = {w.label: TrainStep(w, device, cfg.compile) for w in workloads}
     with torch.no_grad():  # same seed, same weights: the kernels must agree (eval: no drop-path)
-        outs = [steps[w.label].model.eval()(steps[w.label].x)["last_feat"].float() for w in workloads]
+        outs = {w.attn_impl: steps[w.label].model.eval()(steps[w.label].x)["last_feat"].float() for w in workloads}
     for s in steps.values():
         s.model.train()
-    max_diff = (outs[0] - outs[1]).abs().max().item()
-    print(f"timing sdpa vs eager at {cfg.vitdet_size}px, {cfg.warmup} warm-up + {cfg.steps} steps each ...", flush=True)
+    max_diff = max((out - outs["eager"]).abs().max().item() for out in outs.values())
+    print(f"timing {', '.join(ATTN_IMPLS)} at {cfg.vitdet_size}px, {cfg.warmup} warm-up + {cfg.steps} steps each ...",
+          flush=True)
     times = time_round_robin(steps, cfg.warmup, cfg.steps, device)
     del steps, outs
     gc.collect()
@@ -225,7 +229,7 @@ def measure_vitdet(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]
         step_s = median(times[w.label])
         rows.append({"attn_impl": w.attn_impl, "img_size": w.img_size, "batch_size": w.batch_size, "step_s": step_s,
                      "step_times_s": times[w.label], "images_per_s": w.batch_size / step_s, **mem})
-    eager = rows[1]
+    eager = next(row for row in rows if row["attn_impl"] == "eager")
     for row in rows:
         for key in ("step_s", "peak_mib", "step_mib"):
             row[f"{key}_x_eager"] = row[key] / eager[key] if eager[key] else None

@@ -76,7 +76,7 @@ def test_square_pad_pads_bottom_right_with_zeros_once():
 
 
 @pytest.mark.parametrize("kw", [{}, dict(residual_block_indexes=(1,)), dict(use_act_checkpoint=True)])
-@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager", "folded"])
 def test_every_parameter_of_the_backbone_gets_a_gradient(kw, attn_impl):
     # rel_pos tables start at zero and the residual branch's last norm too: move them off, as training would
     torch.manual_seed(0)
@@ -135,6 +135,37 @@ def test_sdpa_bias_equals_explicit_softmax(hw):
         assert torch.allclose(out, eager(x), atol=1e-5)
         sdpa.rel_pos_h.zero_()  # the bias really enters: dropping it changes the output
         assert not torch.allclose(out, sdpa(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("hw, table", [((4, 4), (4, 4)), ((3, 5), (4, 4)), ((6, 2), (3, 3))])
+def test_folded_relative_position_equals_the_explicit_softmax_with_gradients(hw, table):
+    """The folded path (no N x N bias) gives detectron2's explicit attention: outputs and every gradient, on square
+    and oblong grids, and with tables resized to another grid."""
+    torch.manual_seed(0)
+    folded = _randomize(Attention(16, num_heads=2, use_rel_pos=True, input_size=table, attn_impl="folded"))
+    eager = Attention(16, num_heads=2, use_rel_pos=True, input_size=table, attn_impl="eager")
+    eager.load_state_dict(folded.state_dict())
+    x = torch.randn(2, *hw, 16, requires_grad=True)
+    out = folded(x)
+    want = eager(x)
+    assert torch.allclose(out, want, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, *folded.parameters()])
+    wants = torch.autograd.grad(want.square().sum(), [x, *eager.parameters()])
+    for (name, _), got, expected in zip([("x", x), *folded.named_parameters()], grads, wants):
+        assert torch.allclose(got, expected, atol=1e-4), name
+    assert grads[[n for n, _ in folded.named_parameters()].index("rel_pos_h") + 1].abs().sum() > 0
+
+
+def test_folded_backbone_matches_official_vitdet_golden():
+    ref = torch.load(DATA / "vitdet_reference.pt", weights_only=True)
+    net = ViT(**ref["config"], norm_layer=partial(nn.LayerNorm, eps=ref["norm_eps"]), attn_impl="folded")
+    model = SimpleFeaturePyramid(net, "last_feat", ref["out_channels"], tuple(ref["scale_factors"]),
+                                 top_block=LastLevelMaxPool(), norm="LN").eval()
+    model.load_state_dict(ref["state_dict"], strict=True)
+    with torch.no_grad():
+        out = model(ref["input"])
+    for name, want in ref["outputs"].items():
+        assert torch.allclose(out[name], want, atol=1e-5, rtol=1e-5), name
 
 
 def test_rel_pos_bias_matches_per_pair_definition():

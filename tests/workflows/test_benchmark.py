@@ -57,12 +57,13 @@ def test_vitdet_mode_kernels_agree_and_report_ratio(tmp_path):
     result = run(BenchmarkConfig(vitdet=True, vitdet_size=64, steps=1, warmup=0, no_memory=True,
                                  output=str(tmp_path)))
     assert result["max_abs_output_diff"] < 1e-4  # same weights, same maths
-    sdpa, eager = result["rows"]
-    assert (sdpa["attn_impl"], eager["attn_impl"]) == ("sdpa", "eager")
+    sdpa, eager, folded = result["rows"]
+    assert (sdpa["attn_impl"], eager["attn_impl"], folded["attn_impl"]) == ("sdpa", "eager", "folded")
     assert eager["step_s_x_eager"] == 1.0
     assert sdpa["step_s_x_eager"] == pytest.approx(sdpa["step_s"] / eager["step_s"])
+    assert folded["step_s_x_eager"] == pytest.approx(folded["step_s"] / eager["step_s"])
     table = (tmp_path / "vitdet.md").read_text()
-    assert "| sdpa | 64 |" in table and "| eager | 64 |" in table
+    assert "| sdpa | 64 |" in table and "| eager | 64 |" in table and "| folded | 64 |" in table
 
 
 @pytest.mark.slow  # the benchmark with its memory probe (fresh processes)
