@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "loss_spike_factor": 10.0,  # stop at a loss over this x the recent median (0: off; rule: engine.SpikeGuard)
     "overwrite": False,  # replace an earlier run in output_dir instead of refusing
     "trust_pickle": False,  # command line only: let --resume / --init_from files unpickle Python objects
+    "compile": False,  # torch.compile the training forward (off until measured to help: docs/results/benchmark_cpu.md)
 }
 
 # What each key holds; "?" admits None. Values from YAML recipes are checked against it, so `epochs: "ten"`,
@@ -66,7 +67,7 @@ TYPES: dict[str, str] = {
     "min_lr": "float", "warmup_epochs": "float", "data_path": "str?", "builtin_size": "int", "cache_images": "bool",
     "init_from": "str", "output_dir": "str", "resume": "str", "num_workers": "int", "seed": "int", "device": "str",
     "save_every": "int", "snapshot_every": "int", "vis_every": "int", "log_every": "int", "loss_spike_factor": "float",
-    "overwrite": "bool", "trust_pickle": "bool",
+    "overwrite": "bool", "trust_pickle": "bool", "compile": "bool",
 }
 _MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "builtin_size": 1, "num_workers": 0,
             "save_every": 1, "snapshot_every": 0, "vis_every": 1, "log_every": 1, "warmup_epochs": 0, "min_lr": 0,
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when an iteration's loss exceeds this x the median of the last 50 (restored on resume; "
                         "taken as at least 1 while fewer than 20 are known), from the second iteration of a new run "
                         "and the first of a resumed one (default 10; 0: off; non-finite losses always stop)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model's training forward (the first steps compile it; off by default)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier run in --output_dir instead of refusing (see --resume auto)")
     p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,

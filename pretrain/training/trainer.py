@@ -326,6 +326,8 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
                        "train further", resume, start_epoch - 1, cfg["epochs"])
         return {"epochs": [], "output_dir": str(out), "complete": True}
     ddp_model = DistributedDataParallel(model) if world > 1 else model
+    if cfg["compile"]:  # the training forward only; checkpoints, snapshots and figures use `model` itself
+        ddp_model = torch.compile(ddp_model)
     writer, vis = None, None
     if main:
         _say_resume(cfg, out, resume, start_epoch)

@@ -11,7 +11,7 @@ step time-limited and independent of the others (a failing step is reported, the
 3. `benchmark`: `tools/benchmark.py` (MAE and CrossMAE side by side: step time, peak memory, MFU) and the
    CrossMAE / MAE ratios against the paper's 1.48x faster and 0.54x the memory;
 4. `detection`: `tools/train_net.py` with the COCO ViTDet-B Mask R-CNN config at 1024 px, batch 2, on a generated
-   COCO-format shapes set, a few iterations and an evaluation, once per attention path (sdpa, eager), with the
+   COCO-format shapes set, a few iterations and an evaluation, once per attention path (sdpa, folded, eager), with the
    peak memory detectron2 logs;
 5. `demo`: `tools/demo.py --size small` with its pretraining and detection sized to the budget left;
 6. writes `benchmark_gpu.md`, `gpu_check.json` and `gpu_check.png` into the output folder, with the device,

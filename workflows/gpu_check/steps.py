@@ -202,9 +202,10 @@ def step_benchmark(check: Check) -> tuple[str, dict[str, Any]]:
 _SHAPES = ("from detection.datasets import write_builtin_shapes; "
            "write_builtin_shapes({folder!r}, num_train={train}, num_val={val}, image_size={size}, seed=0)")
 DETECTION = {  # (GPU, --tiny)
-    False: dict(config="configs/COCO/mask_rcnn_vitdet_b_100ep.py", impls=("sdpa", "eager"), train=16, val=8,
-                size=640, iters=20, overrides=["dataloader.train.total_batch_size=2", "dataloader.train.num_workers=4",
-                                               "dataloader.test.num_workers=4", "train.log_period=5"]),
+    False: dict(config="configs/COCO/mask_rcnn_vitdet_b_100ep.py", impls=("sdpa", "folded", "eager"), train=16,
+                val=8, size=640, iters=20,
+                overrides=["dataloader.train.total_batch_size=2", "dataloader.train.num_workers=4",
+                           "dataloader.test.num_workers=4", "train.log_period=5"]),
     True: dict(config="configs/demo/mask_rcnn_vit_smoke_builtin.py", impls=("sdpa",), train=8, val=4, size=64,
                iters=2, overrides=["train.device=cpu", "train.log_period=1"]),
 }

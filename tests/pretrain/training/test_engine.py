@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch._dynamo
+import torch._inductor.config as inductor_config
 
 from pretrain.errors import ConfigError
 from pretrain.training.config import load_config
@@ -88,3 +90,14 @@ def test_the_spike_guard_holds_from_the_second_loss_and_from_a_restored_window()
     resumed = SpikeGuard(10.0, recent=[0.4] * 50)  # a late run's losses, as its checkpoint stores them
     assert resumed(4.1) is not None and SpikeGuard(10.0, recent=[0.4] * 50)(3.9) is None
     assert SpikeGuard(0.0)(1.0) is None and SpikeGuard(0.0, recent=[1.0])(1e30) is None  # 0: off
+
+
+@pytest.mark.slow  # compiling takes tens of seconds on CPU
+def test_a_compiled_run_gives_the_losses_of_eager(tmp_path, tiny_cfg, monkeypatch):
+    """`--compile` changes how the step runs, not what it computes: with inductor drawing from torch's own random
+    generator (its default draws other masks), the epoch's loss equals eager's."""
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    eager = run(tiny_cfg(tmp_path / "eager", epochs=1, warmup_epochs=0))
+    compiled = run(tiny_cfg(tmp_path / "compiled", epochs=1, warmup_epochs=0, compile=True))
+    torch._dynamo.reset()
+    assert compiled["epochs"][0]["loss"] == pytest.approx(eager["epochs"][0]["loss"], rel=1e-4)
