@@ -181,10 +181,24 @@ def paper_ratios(rows: list[dict[str, Any]], input_size: int) -> list[dict[str, 
     return out
 
 
+def compiled_ratios(eager: list[dict[str, Any]], compiled: list[dict[str, Any]]) -> dict[str, float]:
+    """Per variant measured both ways at the same input size: eager step time / compiled step time."""
+    times = {(r["input_size"], r["variant"]): r["step_s"] for r in eager}
+    return {r["variant"]: times[(r["input_size"], r["variant"])] / r["step_s"] for r in compiled
+            if (r["input_size"], r["variant"]) in times}
+
+
 def step_benchmark(check: Check) -> tuple[str, dict[str, Any]]:
     folder = check.out / "benchmark"
     check.python(ROOT / "tools" / "benchmark.py", *benchmark_args(check.cfg.tiny, check.cfg.device, folder))
     rows = json.loads((folder / "benchmark.json").read_text())
+    speedups = {}
+    if not check.cfg.tiny:  # the compiled path at 224 px (compiling takes minutes; the CPU dry run leaves it out)
+        compiled = folder / "compiled"
+        check.python(ROOT / "tools" / "benchmark.py", "--size", "base", "--input-size", "224", "--sweep",
+                     "--batch-size", "64", "--steps", "5", "--warmup", "3", "--no-memory", "--compile",
+                     "--device", check.cfg.device, "--output", str(compiled))
+        speedups = compiled_ratios(rows, json.loads((compiled / "benchmark.json").read_text()))
     size = rows[0]["input_size"]
     ratios = paper_ratios(rows, size)
     parts = []
@@ -193,7 +207,10 @@ def step_benchmark(check: Check) -> tuple[str, dict[str, Any]]:
         mfu = "" if r["mfu"] is None else f", MFU {r['mfu']:.1%} (MAE {r['mae_mfu']:.1%})"
         parts.append(f"{r['variant']}: {r['speedup']:.2f}x faster, {mem} memory{mfu}")
     summary = (f"at {size} px vs MAE (paper: {PAPER_SPEEDUP}x faster, {PAPER_MEMORY}x memory): " + "; ".join(parts))
-    return summary, {"rows": rows, "ratios": ratios, "table": str(folder / "benchmark.md")}
+    if speedups:
+        summary += "; torch.compile: " + ", ".join(f"{v} {x:.2f}x" for v, x in speedups.items()) + " eager's speed"
+    return summary, {"rows": rows, "ratios": ratios, "compiled_speedup": speedups,
+                     "table": str(folder / "benchmark.md")}
 
 
 # -------------------------------------------------------------------------------------------------- 4. detection
