@@ -19,16 +19,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from ..distributed import cleanup, init_distributed, launch_rank, resolve_device
+from ..distributed import cleanup, init_distributed, resolve_device
 from ..errors import CheckpointError, DataError
 from ..evaluation.probe import chance_levels, chance_text
 from ..files import read_checkpoint
-from ..runlock import run_lock
 from ..training.checkpoint import LAST, load_checkpoint, resolve_resume
 from ..training.engine import NonFiniteLossError
 from ..training.layer_decay import param_groups_lrd
-from ..training.trainer import (TrainingDiverged, kept_checkpoint, prepare_output_dir, save_checkpoint, seed_epoch,
-                                stopped_error, trim_log)
+from ..training.trainer import (TrainingDiverged, kept_checkpoint, prepare_output_dir, run_session, save_checkpoint,
+                                seed_epoch, stopped_error, trim_log)
 from ..weights.fit import load_model_weights
 from ..weights.formats import checkpoint_tensors
 from ..weights.releases import resolve_weights
@@ -58,14 +57,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         finally:
             cleanup()
     out = Path(cfg["output_dir"])
-    with run_lock(out, "--output_dir", enabled=launch_rank() == 0):
-        rank, world = init_distributed(device)
-        try:
-            return _train(cfg, device, rank, world, out)
-        except KeyboardInterrupt as e:  # in the set-up, before the first epoch
-            raise stopped_error(e, "before training", out, cfg) from None
-        finally:
-            cleanup()
+    with run_session(cfg, device, out) as (rank, world):
+        return _train(cfg, device, rank, world, out)
 
 
 def _val_loader(val_set, cfg: dict[str, Any], rank: int, world: int) -> DataLoader:

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "its inverse, or none")
     p.add_argument("--min_lr", type=float)
     p.add_argument("--warmup_epochs", type=float)
+    _run_args(p)
+    return p
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of data, output folder, resume, schedule of records, divergence guard, compile and trust."""
     p.add_argument("--data_path", help="ImageNet-layout root holding train/<class>/<image>, a folder of images, "
                                        "or 'builtin'")
     p.add_argument("--builtin_size", type=int, help="number of built-in images (with --data_path builtin)")
@@ -162,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,
                    help="allow --resume / --init_from files that unpickle Python objects (e.g. released checkpoints "
                         "storing args): only for files you trust, since loading them runs their code")
-    return p
 
 
 def load_recipe(path: str | Path, known: Mapping[str, Any] = DEFAULTS, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +89,21 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     device = resolve_device(cfg["device"])
     out = Path(cfg["output_dir"])
+    with run_session(cfg, device, out) as (rank, world):
+        return _run(cfg, device, rank, world, out)
+
+
+@contextmanager
+def run_session(cfg: dict[str, Any], device: torch.device, out: Path) -> Iterator[tuple[int, int]]:
+    """A training run's process set-up, for pretraining and fine-tuning: the output folder's lock, the process group
+    (yields rank and world size), and a Ctrl-C or SIGTERM before the first epoch as a one-line `Interrupted`."""
     # torchrun's first process holds the folder, from before the process group forms: a refusal then ends that
     # process alone, and torchrun stops the others, instead of leaving them waiting for it
     with run_lock(out, "--output_dir", enabled=launch_rank() == 0):
         rank, world = init_distributed(device)
         try:
-            return _run(cfg, device, rank, world, out)
-        except KeyboardInterrupt as e:  # in the set-up, before the first epoch
+            yield rank, world
+        except KeyboardInterrupt as e:  # in the set-up, before the first epoch (the epochs catch their own)
             raise stopped_error(e, "before training", out, cfg) from None
         finally:
             cleanup()

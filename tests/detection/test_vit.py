@@ -10,8 +10,9 @@ import torch.nn as nn
 import detection  # noqa: F401  (makes detectron2 v0.6 importable)
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detection.layer_decay import get_optimizer_params
-from detection.vit import (Attention, LayerNorm, SimpleFeaturePyramid, ViT, get_abs_pos, get_norm, rel_pos_bias,
-                           window_partition, window_unpartition)
+from detection.rel_pos import rel_pos_bias
+from detection.vit import (Attention, LayerNorm, SimpleFeaturePyramid, ViT, get_abs_pos, get_norm, window_partition,
+                           window_unpartition)
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # tests/data
 TINY = dict(img_size=64, patch_size=16, embed_dim=16, depth=4, num_heads=2, mlp_ratio=2.0, use_rel_pos=True,
