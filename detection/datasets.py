@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from pretrain.errors import DataError
+from pretrain.files import build_folder_once
 from pretrain.data.synthetic import render_shapes_image, SHAPE_CATEGORIES, shapes_rng
 
 from .mappers import BitmaskDatasetMapper  # noqa: F401  (its home before detection.mappers; configs name it)
@@ -100,19 +99,8 @@ def build_builtin_shapes(seed: int = 0, num_train: int = 512, num_val: int = 64,
                          root: str | os.PathLike | None = None) -> Path:
     """Render the built-in set once (atomically: concurrent workers never see half a set) and return its folder."""
     folder = builtin_shapes_dir(seed, num_train, num_val, image_size, root)
-    if (folder / _DONE).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write_builtin_shapes(staging, num_train, num_val, image_size, seed)
-        os.replace(staging, folder)
-    except OSError:
-        if not (folder / _DONE).is_file():  # not a lost race with another worker: a real failure
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return build_folder_once(folder, lambda staging: write_builtin_shapes(staging, num_train, num_val, image_size,
+                                                                          seed), done=_DONE)
 
 
 def register_builtin_shapes(prefix: str = "builtin_shapes", seed: int = 0, num_train: int = 512, num_val: int = 64,

@@ -28,8 +28,8 @@ from detectron2.modeling.backbone.fpn import _assert_strides_are_log2_contiguous
 
 from .rel_pos import folded_rel_pos_attention, rel_pos_bias
 
-__all__ = ["LayerNorm", "get_norm", "window_partition", "window_unpartition", "get_abs_pos", "Attention", "Block", "ViT",
-           "SimpleFeaturePyramid"]
+__all__ = ["LayerNorm", "get_norm", "window_partition", "window_unpartition", "get_abs_pos", "Attention", "Block",
+           "ViT", "SimpleFeaturePyramid"]
 
 ATTN_IMPLS = ("sdpa", "eager", "folded")
 

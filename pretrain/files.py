@@ -4,7 +4,9 @@
   snapshots, summaries, AP files, logs rewritten in place): `write` fills a temporary file in the same folder,
   which is flushed, synced and renamed over `path`. A kill mid-write leaves the previous file, never a truncated
   one; the temporary file (`.NAME.*.tmp`) is removed on error, and a kill's leftover is recognisable by its name.
-- `save_atomic` (torch objects), `write_text_atomic` and `write_json_atomic` are its three uses.
+- `save_atomic` (torch objects), `write_text_atomic` and `write_json_atomic` are its three uses;
+  `build_folder_once` is the same for a folder of generated data.
+- `check_output_file` refuses, before any work, an output file that would destroy data or cannot be written.
 - `read_checkpoint(path)` reads `.safetensors` with safetensors and anything else with
   `torch.load(weights_only=True)`: no code from a file runs unless the user passes `--trust-pickle`.
 """
@@ -14,6 +16,7 @@ import json
 import mmap
 import os
 import pickle
+import shutil
 import pickletools
 import tempfile
 import zipfile
@@ -27,8 +30,8 @@ from safetensors.torch import load_file
 
 from .errors import CheckpointError, ConfigError, UntrustedPickleError
 
-__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "check_output_file",
-           "read_checkpoint"]
+__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "build_folder_once",
+           "check_output_file", "read_checkpoint"]
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -63,6 +66,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     """Write `obj` as JSON (and a final newline) to `path`, atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def build_folder_once(folder: str | Path, write: Callable[[Path], None], done: str = "DONE") -> Path:
+    """`folder`, made by `write(staging)` into a temporary folder beside it and renamed into place with a `done`
+    marker, unless a complete one is there: concurrent builders (torchrun's ranks, data-loader workers) never see
+    half a folder, and a finished one is never replaced under a reader. An interrupted build leaves only its
+    temporary folder, removed on the way out."""
+    folder = Path(folder)
+    if (folder / done).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(staging)
+        (staging / done).write_text("complete\n")
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / done).is_file():  # not a race lost to another builder: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def check_output_file(path: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False) -> None:

@@ -1,6 +1,7 @@
 """Fixtures that tests in more than one package folder need: the session's dataset cache, a tiny pretraining config
 and checkpoint, one-line error checks, hostile weights files, weights files written by other libraries, a small
-shapes set, a labelled ImageFolder, and the smoke demo's output. Each folder's own fixtures live in its conftest.py or test module."""
+shapes set, a labelled ImageFolder, objects of known class counts, and the smoke demo's output. Each folder's own
+fixtures live in its conftest.py or test module."""
 import os
 
 # before torch is first imported (below, or by any test module): its CPU thread pool reads this once

@@ -95,7 +95,8 @@ def benchmark(argv: Sequence[str] | None = None) -> None:
                    help="fused AdamW kernel; auto: on for CUDA and CPU (as the trainer), torch's default elsewhere")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device bf16 dense peak for MFU (default: known for H100/H200/A100)")
-    p.add_argument("--vitdet", action="store_true", help="benchmark the ViTDet backbone's attention paths (sdpa, folded) against the explicit softmax")
+    p.add_argument("--vitdet", action="store_true",
+                   help="benchmark the ViTDet backbone's attention paths (sdpa, folded) against the explicit softmax")
     p.add_argument("--vitdet-size", type=int, default=1024, help="ViTDet input side (1024 in ViTDet; e.g. 512 on CPU)")
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = BenchmarkConfig(**vars(p.parse_args(argv)))

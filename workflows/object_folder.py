@@ -8,19 +8,15 @@ fine-tuning a classifier on the same objects the detector and the frozen-feature
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from detection.datasets import dataset_files, register_builtin_shapes
 from pretrain.data.images import open_rgb
 from pretrain.errors import DataError
+from pretrain.files import build_folder_once
 from pretrain.evaluation.objects import read_coco_objects
 
 __all__ = ["object_folder", "builtin_object_folder"]
-
-_DONE = "DONE"
 
 
 def _write_split(json_file: str | Path, image_root: str | Path, out: Path) -> None:
@@ -38,25 +34,16 @@ def _write_split(json_file: str | Path, image_root: str | Path, out: Path) -> No
 
 
 def object_folder(train: tuple[str, str], val: tuple[str, str], out: str | Path) -> Path:
-    """Write the crops of `train` and `val` ((json, image folder) each) under `out/{train,val}/` unless done.
+    """Write the crops of `train` and `val` ((json, image folder) each) under `out/{train,val}/` unless done
+    (`pretrain.files.build_folder_once`: torchrun's ranks may all ask for it at once).
 
     Raises:
         DataError: as `read_coco_objects` (missing or broken json, no objects), or an unreadable image.
     """
-    out = Path(out)
-    if (out / _DONE).is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def write(staging: Path) -> None:
         for split, (json_file, image_root) in (("train", train), ("val", val)):
             _write_split(json_file, image_root, staging / split)
-        (staging / _DONE).write_text("complete\n")
-        shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier attempt
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return build_folder_once(out, write)
 
 
 def builtin_object_folder(image_size: int = 192) -> Path:

@@ -69,7 +69,7 @@ TYPES: dict[str, str] = {
     "eval": "bool", "num_workers": "int", "seed": "int", "device": "str", "overwrite": "bool",
     "trust_pickle": "bool",
 }
-_MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "drop_path": 0, "clip_grad": 0,
+_MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "drop_path": 0,
             "weight_decay": 0, "min_lr": 0, "warmup_epochs": 0, "smoothing": 0, "reprob": 0, "recount": 1, "mixup": 0,
             "cutmix": 0, "mixup_prob": 0, "mixup_switch_prob": 0, "nb_classes": 2, "num_workers": 0}
 _AT_MOST_ONE = ("drop_path", "smoothing", "reprob", "mixup_prob", "mixup_switch_prob")
@@ -84,7 +84,8 @@ def resolve_lr(cfg: dict[str, Any], world_size: int) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags and meanings of MAE's main_finetune.py; every default is None so only given flags override."""
-    p = argparse.ArgumentParser("ViT fine-tuning (MAE's recipe)", argument_default=None)
+    p = argparse.ArgumentParser(description="ViT fine-tuning for classification, MAE's recipe and flags",
+                                argument_default=None)
     p.add_argument("--config", help="recipe YAML, e.g. configs/finetune/vit_base.yaml")
     p.add_argument("--model", choices=sorted(MODELS), help="the classifier's ViT (default vit_base_patch16)")
     p.add_argument("--finetune", help="pretrained weights: any file tools/convert_pretrain_to_d2.py reads, or a "
@@ -171,9 +172,13 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in _AT_MOST_ONE:
         if cfg[key] > 1:
             raise ConfigError(f"--{key} must be at most 1, got {cfg[key]}")
-    for key in ("blr", "lr"):
+    for key in ("blr", "lr", "clip_grad"):
         if cfg[key] is not None and cfg[key] <= 0:
             raise ConfigError(f"--{key} must be > 0, got {cfg[key]}")
+    mixing = cfg["mixup"] > 0 or cfg["cutmix"] > 0 or cfg["cutmix_minmax"] is not None
+    if mixing and cfg["batch_size"] % 2:
+        raise ConfigError(f"--batch_size {cfg['batch_size']} is odd, and Mixup / CutMix pair the images of a batch; "
+                          "give an even batch size")
     if not 0.0 < cfg["layer_decay"] <= 1.0:
         raise ConfigError(f"--layer_decay must be in (0, 1] (1: no decay), got {cfg['layer_decay']}")
     if cfg["model"] not in MODELS:

@@ -22,12 +22,12 @@ from torch.utils.tensorboard import SummaryWriter
 from ..distributed import cleanup, init_distributed, resolve_device
 from ..errors import CheckpointError, DataError
 from ..evaluation.probe import chance_levels, chance_text
-from ..files import read_checkpoint
+from ..files import read_checkpoint, write_text_atomic
 from ..training.checkpoint import LAST, load_checkpoint, resolve_resume
 from ..training.engine import NonFiniteLossError
 from ..training.layer_decay import param_groups_lrd
 from ..training.trainer import (TrainingDiverged, kept_checkpoint, prepare_output_dir, run_session, save_checkpoint,
-                                seed_epoch, stopped_error, trim_log)
+                                say_resume, seed_epoch, stopped_error, trim_log)
 from ..weights.fit import load_model_weights
 from ..weights.formats import checkpoint_tensors
 from ..weights.releases import resolve_weights
@@ -95,10 +95,13 @@ def evaluate_checkpoint(cfg: dict[str, Any], device: torch.device, rank: int = 0
     ckpt = read_checkpoint(resolve_weights(cfg["resume"]), trust_pickle=cfg["trust_pickle"])
     state_dict = checkpoint_tensors(ckpt, cfg["resume"])
     num_classes = _head_classes(state_dict, cfg["resume"])
-    wanted = _num_classes(cfg, val_set.classes)
-    if num_classes != wanted:
+    if num_classes != len(val_set.classes):
         raise CheckpointError(f"{cfg['resume']} classifies {num_classes} classes but {cfg['data_path']}/val has "
-                              f"{wanted}; evaluate it on data with its classes (or pass --nb_classes {num_classes})")
+                              f"{len(val_set.classes)} class folders; evaluate it on data with its classes")
+    trained_on = (ckpt.get("config") or {}).get("classes") if isinstance(ckpt, dict) else None
+    if trained_on is not None and trained_on != val_set.classes:
+        raise CheckpointError(f"{cfg['data_path']}/val has other class folders than {cfg['resume']} was trained on "
+                              f"({sorted(set(trained_on) ^ set(val_set.classes))[:5]}); labels would not match")
     model = build_classifier(cfg["model"], num_classes, 0.0, "fc_norm.weight" in state_dict, cfg["input_size"],
                              **cfg["model_kwargs"])
     load_model_weights(model, state_dict, source=cfg["resume"])
@@ -124,7 +127,7 @@ def _build(cfg: dict[str, Any], num_classes: int, resume: Path | None, world: in
 
 def _resume(path: Path, model, optimizer, cfg: dict[str, Any]) -> tuple[int, float]:
     """Load a fine-tuning checkpoint; returns (epoch to start at, best top-1 so far)."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, cfg["trust_pickle"])
     if not {"model", "optimizer", "epoch", "best_acc1"} <= set(ckpt):
         raise CheckpointError(f"{path} is no fine-tuning checkpoint of this tool (needs model, optimizer, epoch, "
                               "best_acc1); start from its weights with --finetune instead")
@@ -137,13 +140,14 @@ def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out
     main = rank == 0
     resume = resolve_resume(cfg["resume"], out)
     if main:
-        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"])
+        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"], [cfg["finetune"]])
     train_set, val_set = build_splits(cfg)
     num_classes = _num_classes(cfg, train_set.classes)
     model, optimizer, peak_lr = _build(cfg, num_classes, resume, world)
     model.to(device)
     start_epoch, best = (0, 0.0) if resume is None else _resume(resume, model, optimizer, cfg)
     if main:
+        say_resume(cfg, out, resume, start_epoch, logger)
         trim_log(out, start_epoch)
     mixup = build_mixup(cfg, num_classes)
     criterion = build_criterion(cfg, mixup)
@@ -156,11 +160,12 @@ def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out
     val_loader = _val_loader(val_set, cfg, rank, world)
     chance = chance_levels(torch.tensor(train_set.targets), torch.tensor(val_set.targets), num_classes)
     resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world, "num_classes": num_classes,
-                "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world, "chance": chance}
+                "classes": train_set.classes, "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world,
+                "chance": chance}
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     writer = None
     if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * 1000 if start_epoch else None)
         logger.info("%s on %s, %d process(es): %d train / %d val images, lr %.3g; chance: %s", cfg["model"], device,
                     world, len(train_set), len(val_set), peak_lr, chance_text(chance, train_set.classes))

@@ -1,7 +1,8 @@
 """The learning-rate schedule of every trainer here: linear warm-up, then half-cycle cosine (MAE's `lr_sched.py`).
 
-Pretraining steps it per iteration in fractional epochs (`lr_at`); the linear probe per optimizer step
-(`pretrain.evaluation.probe.linear_probe`). One function, `warmup_cosine`, serves both.
+Pretraining steps it per iteration in fractional epochs (`lr_at`), fine-tuning too (`pretrain.finetune.engine`,
+with each layer's `lr_scale` through `set_lr`); the linear probe per optimizer step
+(`pretrain.evaluation.probe.linear_probe`). One function, `warmup_cosine`, serves all three.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from ..models import create_model
 from ..runlock import run_lock
 from ..weights.fit import load_model_weights
 from ..weights.loading import load_encoder_into
+from ..weights.releases import weights_file
 from .checkpoint import LAST, checkpoint_epoch, load_checkpoint, make_checkpoint, numbered_checkpoints, resolve_resume
 from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
@@ -109,7 +110,7 @@ def run_session(cfg: dict[str, Any], device: torch.device, out: Path) -> Iterato
             cleanup()
 
 
-_RUN_FILES = (LAST, "config.yaml", "log.txt")
+_RUN_FILES = (LAST, "checkpoint-best.pth", "config.yaml", "log.txt")  # checkpoint-best.pth: fine-tuning's
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -119,15 +120,17 @@ def earlier_run(out: Path) -> list[str]:
     return found + [f"snapshots/{p.name}" for p in sorted((out / "snapshots").glob("step-*.pth"))]
 
 
-def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: Iterable[str | None] = ()) -> None:
     """Make `out` (made and locked by `run_lock`) ready for a run: writable, holding no earlier run unless
     resuming or overwriting.
 
     Also removes temporary files that a kill during an atomic save leaves behind. With `overwrite`, an earlier
-    run's checkpoints, logs, snapshots, figures and TensorBoard events are deleted first.
+    run's checkpoints, logs, snapshots, figures and TensorBoard events are deleted first, unless one of them is a
+    file the run reads (`inputs`: `--init_from`, `--finetune`, ...).
 
     Raises:
-        ConfigError: `out` cannot be written, or holds an earlier run (without resume / overwrite).
+        ConfigError: `out` cannot be written, holds an earlier run (without resume / overwrite), or `overwrite` would
+            delete one of `inputs`.
     """
     try:
         probe = out / f".write-test-{os.getpid()}"
@@ -143,10 +146,17 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"--output_dir {out} holds an earlier run ({earlier[0]}); pass --resume auto to continue "
                           "it, --overwrite to replace it, or give another --output_dir")
-    for path in [*out.glob("checkpoint-*.pth"), *(out / f for f in _RUN_FILES)]:
+    files = [*out.glob("checkpoint-*.pth"), *(out / f for f in _RUN_FILES)]
+    folders = [out / sub for sub in ("snapshots", "recon", "tensorboard")]
+    for given in filter(None, inputs):
+        path = weights_file(given).resolve()
+        if path in {f.resolve() for f in files} or any(path.is_relative_to(d.resolve()) for d in folders):
+            raise ConfigError(f"--overwrite would delete {given}, which this run reads; copy it out of {out} first, "
+                              "or give another --output_dir")
+    for path in files:
         path.unlink(missing_ok=True)
-    for sub in ("snapshots", "recon", "tensorboard"):
-        shutil.rmtree(out / sub, ignore_errors=True)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_resumable(ckpt: dict, path: Path, cfg: dict[str, Any]) -> None:
@@ -309,14 +319,15 @@ def _build(cfg: dict[str, Any], device: torch.device, world: int) -> tuple[torch
     return model, optimizer, scaler, peak_lr, resolved
 
 
-def _say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch: int) -> None:
+def say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch: int,
+               log: logging.Logger = logger) -> None:
     """One line: where the run resumes from, or that `--resume auto` found nothing and starts a new run."""
     if resume is not None:
         numbered = cfg["resume"] == "auto" and resume.name != LAST
-        logger.info("resuming from %s (epoch %d done) at epoch %d%s", resume, start_epoch - 1, start_epoch,
-                    f" (there is no {LAST}: the newest numbered checkpoint)" if numbered else "")
+        log.info("resuming from %s (epoch %d done) at epoch %d%s", resume, start_epoch - 1, start_epoch,
+                 f" (there is no {LAST}: the newest numbered checkpoint)" if numbered else "")
     elif cfg["resume"] == "auto":
-        logger.info("--resume auto: no checkpoint in %s, starting a new run", out)
+        log.info("--resume auto: no checkpoint in %s, starting a new run", out)
 
 
 def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path) -> dict[str, Any]:
@@ -324,7 +335,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     main = rank == 0
     resume = resolve_resume(cfg["resume"], out)
     if main:
-        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"])
+        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"], [cfg["init_from"]])
     dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
                             cache_images=cfg["cache_images"])
     loader, steps_per_epoch = _loader(cfg, dataset, device, rank, world)
@@ -340,7 +351,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
         ddp_model = torch.compile(ddp_model)
     writer, vis = None, None
     if main:
-        _say_resume(cfg, out, resume, start_epoch)
+        say_resume(cfg, out, resume, start_epoch)
         trim_log(out, start_epoch)
         writer, vis = _start_records(cfg, resolved, out, start_epoch, model, dataset, device)
         logger.info("%s on %s, %d process(es): %d images, %d iterations/epoch, lr %.3g (blr %.3g), effective batch %d",

@@ -134,3 +134,19 @@ def test_a_real_pickle_with_a_global_needs_trust_pickle(writer, tmp_path):
     assert "argparse.Namespace" in str(e.value) and "\n" not in str(e.value)
     if writer.startswith("torch"):
         assert files_mod.read_checkpoint(path, trust_pickle=True)["args"].lr == 1e-3
+
+
+def test_a_folder_is_built_once_and_a_finished_one_is_never_replaced(tmp_path):
+    calls = []
+
+    def write(staging):
+        calls.append(staging)
+        (staging / "data.txt").write_text(str(len(calls)))
+        if len(calls) == 1:  # another builder finishes while this one writes
+            files_mod.build_folder_once(tmp_path / "set", write)
+
+    folder = files_mod.build_folder_once(tmp_path / "set", write)
+    inode = folder.stat().st_ino
+    assert (folder / "data.txt").read_text() == "2" and (folder / "DONE").is_file()  # the first finished, kept
+    assert files_mod.build_folder_once(tmp_path / "set", write) == folder and len(calls) == 2
+    assert folder.stat().st_ino == inode and sorted(p.name for p in tmp_path.iterdir()) == ["set"]

@@ -1,5 +1,7 @@
 """`tools/finetune.py` end to end on generated ImageFolder data, and the built-in set's objects as an ImageFolder."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -8,6 +10,7 @@ from pretrain.data.synthetic import SHAPE_CATEGORIES
 from workflows import cli
 from workflows.object_folder import object_folder
 
+TOOL = Path(__file__).parents[2] / "tools" / "finetune.py"
 
 
 def _recipe(tmp_path: Path, data: Path) -> Path:
@@ -23,8 +26,10 @@ def _recipe(tmp_path: Path, data: Path) -> Path:
 def test_finetune_then_eval_prints_accuracy_beside_chance(tmp_path, colour_folder, tiny_checkpoint, capsys):
     ckpt = tiny_checkpoint(tmp_path / "mae.pth")
     out = tmp_path / "run"
-    assert cli.finetune(["--config", str(_recipe(tmp_path, colour_folder)), "--finetune", str(ckpt),
-                         "--output_dir", str(out)]) == 0
+    done = subprocess.run([sys.executable, str(TOOL), "--config", str(_recipe(tmp_path, colour_folder)), "--finetune",
+                           str(ckpt), "--output_dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "chance: 1/4 classes 0.250" in done.stderr
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(0 <= r["test_acc1"] <= 100 for r in log)
     assert cli.finetune(["--eval", "--resume", str(out / "checkpoint-best.pth"), "--data_path", str(colour_folder),
@@ -35,8 +40,7 @@ def test_finetune_then_eval_prints_accuracy_beside_chance(tmp_path, colour_folde
     assert "on 32 images (chance: 1/4 classes 0.250, majority class 'blue' 0.250)" in line
 
 
-def test_data_without_val_and_a_bad_layer_decay_are_one_line_errors(tmp_path, colour_folder,
-                                                                                one_error_line):
+def test_data_without_val_and_a_bad_layer_decay_are_one_line_errors(tmp_path, colour_folder, one_error_line):
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "train").symlink_to(colour_folder / "train")
     assert cli.finetune(["--config", str(_recipe(tmp_path, tmp_path / "only"))]) == 2

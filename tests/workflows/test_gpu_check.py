@@ -124,7 +124,8 @@ def test_tool_runs_from_a_tree_without_the_installed_package(tmp_path):
 
 def test_compiled_speed_is_read_per_variant_at_the_same_input_size():
     eager = [{"input_size": 224, "variant": "MAE d=8", "step_s": 2.0},
-             {"input_size": 224, "variant": "CrossMAE", "step_s": 1.0}, {"input_size": 448, "variant": "MAE d=8", "step_s": 8.0}]
+             {"input_size": 224, "variant": "CrossMAE", "step_s": 1.0},
+             {"input_size": 448, "variant": "MAE d=8", "step_s": 8.0}]
     compiled = [{"input_size": 224, "variant": "MAE d=8", "step_s": 1.6},
                 {"input_size": 224, "variant": "CrossMAE", "step_s": 1.25}]
     assert compiled_ratios(eager, compiled) == {"MAE d=8": pytest.approx(1.25), "CrossMAE": pytest.approx(0.8)}

@@ -1,6 +1,9 @@
 """Fine-tuning (`pretrain.finetune`): MAE's parameter groups, loading a pretrained encoder, learning, exact resume,
 evaluation of a saved checkpoint, and the one-line refusals."""
+import argparse
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from pretrain.finetune.data import build_transform, posterize
 from pretrain.finetune.model import build_classifier, load_pretrained
 from pretrain.finetune import trainer
 from pretrain.finetune.trainer import run
+from pretrain.runlock import FolderInUse, run_lock
 from pretrain.training.layer_decay import param_groups_lrd
 from pretrain.training.trainer import Interrupted, read_log
 
@@ -150,3 +154,49 @@ def test_recipes_are_the_papers(name, model, epochs, blr, layer_decay, drop_path
     assert cfg["batch_size"] * cfg["accum_iter"] * 8 == 1024 and cfg["warmup_epochs"] == 5
     assert (cfg["mixup"], cfg["cutmix"], cfg["reprob"], cfg["smoothing"], cfg["aa"], cfg["global_pool"]) == (
         0.8, 1.0, 0.25, 0.1, "rand-m9-mstd0.5-inc1", True)
+
+
+def test_overwrite_never_deletes_the_weights_it_fine_tunes(tmp_path, colour_folder):
+    run(_cfg(tmp_path, colour_folder, epochs=1))
+    before = (tmp_path / "run" / "checkpoint-last.pth").read_bytes()
+    with pytest.raises(ConfigError, match="--overwrite would delete .*checkpoint-last.pth, which this run reads"):
+        run(_cfg(tmp_path, colour_folder, overwrite=True, finetune=str(tmp_path / "run" / "checkpoint-last.pth")))
+    assert (tmp_path / "run" / "checkpoint-last.pth").read_bytes() == before
+
+
+def test_a_second_run_into_the_folder_is_refused_with_the_holders_pid(tmp_path, colour_folder):
+    with run_lock(tmp_path / "run", "--output_dir"):
+        with pytest.raises(FolderInUse, match=f"PID {os.getpid()}"):
+            run(_cfg(tmp_path, colour_folder, epochs=1))
+
+
+def test_resume_reads_pickles_only_with_trust_pickle_and_says_where_it_resumes(tmp_path, colour_folder, caplog):
+    cfg = _cfg(tmp_path, colour_folder, epochs=2)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        run({**cfg, "epochs": 1, "resume": "auto"})
+    assert "--resume auto: no checkpoint in" in caplog.text
+    last = tmp_path / "run" / "checkpoint-last.pth"
+    torch.save({**torch.load(last, weights_only=True), "args": argparse.Namespace(lr=1.0)}, tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        run({**cfg, "resume": str(tmp_path / "old.pth")})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        result = run({**cfg, "resume": str(tmp_path / "old.pth"), "trust_pickle": True})
+    assert [r["epoch"] for r in result["epochs"]] == [1] and "(epoch 0 done) at epoch 1" in caplog.text
+
+
+def test_eval_refuses_val_folders_other_than_the_trained_classes(tmp_path, colour_folder):
+    run(_cfg(tmp_path, colour_folder, epochs=1))
+    other = tmp_path / "other"
+    (other / "val").mkdir(parents=True)
+    for name, folder in zip(("blue", "green", "red", "purple"), sorted((colour_folder / "val").iterdir())):
+        (other / "val" / name).symlink_to(folder)
+    with pytest.raises(CheckpointError, match=r"other class folders than .* \(\['purple', 'yellow'\]\)"):
+        run(_cfg(tmp_path, other, eval=True, resume=str(tmp_path / "run" / "checkpoint-last.pth")))
+
+
+@pytest.mark.parametrize("flags, message", [(["--clip_grad", "0"], "--clip_grad must be > 0"),
+                                            (["--batch_size", "7", "--mixup", "0.8"], "--batch_size 7 is odd")])
+def test_settings_that_would_silently_fail_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--data_path", "x", *flags])

@@ -270,7 +270,8 @@ def test_help_names_the_run_folder_the_step0_snapshot_and_the_fair_comparison(ca
     with pytest.raises(SystemExit):
         load_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("config.yaml", "checkpoint-last.pth", "log.txt", "tensorboard/", "recon/", "snapshots/step-0000000.pth",
+    for words in ("config.yaml", "checkpoint-last.pth", "log.txt", "tensorboard/", "recon/",
+                  "snapshots/step-0000000.pth",
                   "the same --seed alone", "docs/pretraining.md#fair-comparison"):
         assert words in text, words
     assert "\n## Fair comparison\n" in (ROOT / "docs" / "pretraining.md").read_text()

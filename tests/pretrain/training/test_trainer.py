@@ -14,7 +14,7 @@ import yaml
 
 from pretrain import cli as pretrain_cli
 from pretrain import files as files_mod
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, ConfigError
 from pretrain.models import create_model
 from pretrain.runlock import run_lock
 from pretrain.training import trainer
@@ -321,3 +321,12 @@ def test_sigterm_keeps_the_checkpoint_says_where_and_exits_143(tmp_path, monkeyp
         signal.signal(signal.SIGTERM, previous)
     one_error_line("terminated (SIGTERM) in epoch 1", "is from epoch 0", "--resume auto")
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
+
+
+def test_overwrite_never_deletes_the_checkpoint_it_starts_from(tmp_path, tiny_cfg):
+    run(tiny_cfg(tmp_path, epochs=1, warmup_epochs=0))
+    last = tmp_path / "run" / "checkpoint-last.pth"
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match="--overwrite would delete .*checkpoint-last.pth, which this run reads"):
+        run(tiny_cfg(tmp_path, epochs=1, warmup_epochs=0, overwrite=True, init_from=str(last)))
+    assert last.read_bytes() == before
