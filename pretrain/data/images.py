@@ -8,7 +8,7 @@ producing the sample, so the trainer can report them without ending a long run. 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,32 @@ def open_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as f:
         f.load()
         return eight_bit(f).convert("RGB")
+
+
+def decode_or_none(path: Path) -> Image.Image | None:
+    """`open_rgb(path)`, or None (logged with the file's path) for a file that cannot be read as an image."""
+    try:
+        return open_rgb(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        logger.warning("skipping unreadable image %s (%s)", path, e)
+        return None
+
+
+def first_readable(read: Callable[[int], Image.Image | None], index: int, count: int,
+                   root: str | Path) -> tuple[int, Image.Image, int]:
+    """The policy of every training set here for unreadable images: the first image `read` returns from `index` on
+    (wrapping round `count`), as (its index, the image, how many were skipped).
+
+    Raises:
+        DataError: 16 unreadable images in a row.
+    """
+    for skipped in range(_MAX_REPLACEMENTS):
+        i = (index + skipped) % count
+        img = read(i)
+        if img is not None:
+            return i, img, skipped
+    raise DataError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from index {index} in {root}; "
+                    "check the dataset")
 
 
 def train_transform(input_size: int) -> transforms.Compose:
@@ -118,35 +144,25 @@ class RobustImages(Dataset):
             self.pixels = []
             held = 0
             for path in self.files:
-                img = self._decode(path)
+                img = decode_or_none(path)
                 self.pixels.append(None if img is None else np.asarray(img))
                 held += 0 if img is None else self.pixels[-1].nbytes
                 if held > _CACHE_LIMIT:
                     raise ConfigError(f"--cache_images would hold more than {_CACHE_LIMIT / 2**30:.0f} GiB of decoded "
                                       f"images from {self.root}; drop it for a set this large")
 
-    @staticmethod
-    def _decode(path: Path) -> Image.Image | None:
-        try:
-            return open_rgb(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            logger.warning("skipping unreadable image %s (%s)", path, e)
-            return None
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _image(self, i: int) -> Image.Image | None:
+        if self.pixels is None:
+            return decode_or_none(self.files[i])
+        return None if self.pixels[i] is None else Image.fromarray(self.pixels[i])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for skipped in range(_MAX_REPLACEMENTS):
-            i = (index + skipped) % len(self.files)
-            if self.pixels is None:
-                img = self._decode(self.files[i])
-            else:
-                img = None if self.pixels[i] is None else Image.fromarray(self.pixels[i])
-            if img is not None:
-                return self.transform(img), skipped
-        raise DataError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from index {index} in {self.root}; "
-                        "check the dataset")
+        _, img, skipped = first_readable(self._image, index, len(self.files), self.root)
+        return self.transform(img), skipped
 
     def __repr__(self) -> str:
         return f"RobustImages(root={self.root}, images={len(self)}, cached={self.pixels is not None})"

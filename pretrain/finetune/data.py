@@ -7,7 +7,6 @@ labels) with `SoftTargetCrossEntropy`, else `LabelSmoothingCrossEntropy`, else c
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,11 @@ from timm.data.auto_augment import RandAugment
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torchvision import datasets, transforms
 
-from ..data.images import IMAGENET_MEAN, IMAGENET_STD, open_rgb
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, decode_or_none, first_readable, open_rgb
 from ..errors import DataError
 
 __all__ = ["LabelledImages", "build_transform", "build_splits", "build_mixup", "build_criterion"]
 
-logger = logging.getLogger(__name__)
-_MAX_REPLACEMENTS = 16
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -61,22 +58,15 @@ def build_transform(is_train: bool, cfg: dict[str, Any]) -> transforms.Compose:
 
 class LabelledImages(datasets.ImageFolder):
     """An ImageFolder split read through `open_rgb` (16-bit PNGs scaled, not clipped); an unreadable image is
-    replaced by the next readable one (with its label), logged, as pretraining does."""
+    replaced by the next readable one, with that one's label, as pretraining does (`first_readable`)."""
 
     def __init__(self, root: str | Path, transform) -> None:
         super().__init__(str(root), transform=transform, loader=open_rgb)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for skipped in range(_MAX_REPLACEMENTS):
-            path, label = self.samples[(index + skipped) % len(self.samples)]
-            try:
-                image = open_rgb(path)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                logger.warning("skipping unreadable image %s (%s)", path, e)
-                continue
-            return self.transform(image), label
-        raise DataError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from {self.samples[index][0]}; "
-                        "check the dataset")
+        i, image, _ = first_readable(lambda j: decode_or_none(self.samples[j][0]), index, len(self.samples),
+                                     self.root)
+        return self.transform(image), self.samples[i][1]
 
 
 def _split(root: Path, name: str, transform) -> LabelledImages:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from pretrain.errors import CheckpointError, ConfigError, DataError
 from pretrain.finetune.config import DEFAULTS, load_config, validate
-from pretrain.finetune.data import build_transform, posterize
+from pretrain.finetune.data import LabelledImages, build_transform, posterize
 from pretrain.finetune.model import build_classifier, load_pretrained
 from pretrain.finetune import trainer
 from pretrain.finetune.trainer import run
@@ -200,3 +201,13 @@ def test_eval_refuses_val_folders_other_than_the_trained_classes(tmp_path, colou
 def test_settings_that_would_silently_fail_are_refused(flags, message):
     with pytest.raises(ConfigError, match=message):
         load_config(["--data_path", "x", *flags])
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_with_its_label(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "0.png").write_bytes(b"not an image")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "b" / "0.png")
+    images = LabelledImages(tmp_path, transforms.ToTensor())
+    image, label = images[0]
+    assert label == 1 and image[0].mean() == 1.0  # b's red image, with b's label
