@@ -30,7 +30,7 @@ from torch.hub import download_url_to_file
 
 from ..errors import CheckpointError
 
-__all__ = ["Release", "RELEASES", "NOT_RELEASED", "weights_dir", "is_release_name", "release_of", "resolve_weights",
+__all__ = ["Release", "RELEASES", "weights_dir", "is_release_name", "release_of", "resolve_weights",
            "weights_file", "fetch"]
 
 logger = logging.getLogger("pretrain.weights.releases")
@@ -102,7 +102,7 @@ _RELEASES = (
     _mae("mae_visualize_vit_large_ganloss", "visualize/mae_visualize_vit_large_ganloss.pth",
          "MAE ViT-L with a pixel decoder trained with a GAN loss (visualisation)", "facebookresearch/mae demo notebook",
          norm_pix_loss=False),
-    # TonyLianLong/CrossMAE README: 800 epochs, mask and prediction ratio 0.75 (448 px: 400 epochs)
+    # TonyLianLong/CrossMAE README: 800 epochs, mask and prediction ratio 0.75 (448 px: 400 epochs; ViT-H: 0.25)
     _crossmae("crossmae_vit_small", "vits-mr0.75-kmr0.75-dd12",
               "imagenet-mae-cross-vits-pretrain-wfm-mr0.75-kmr0.75-dd12-ep800-ui.pth", "CrossMAE ViT-S/16 with decoder",
               True),
@@ -114,6 +114,10 @@ _RELEASES = (
               "CrossMAE ViT-B/16 at 448 px with decoder", True),
     _crossmae("crossmae_vit_large", "vitl-mr0.75-kmr0.75-dd12",
               "imagenet-mae-cross-vitl-pretrain-wfm-mr0.75-kmr0.75-dd12-ep800-ui.pth", "CrossMAE ViT-L/16 with decoder",
+              True),
+    # ViT-H: mask ratio 0.75, prediction ratio 0.25 (the README's "kept mask ratio")
+    _crossmae("crossmae_vit_huge", "vith-mr0.75-kmr0.25-dd12",
+              "imagenet-mae-cross-vith-pretrain-wfm-mr0.75-kmr0.25-dd12-ep800-ui.pth", "CrossMAE ViT-H/14 with decoder",
               True),
     _crossmae("crossmae_vit_small_finetune", "vits-mr0.75-kmr0.75-dd12",
               "imagenet-mae-cross-vits-finetune-wfm-mr0.75-kmr0.75-dd12-ep800-ui.pth",
@@ -127,13 +131,11 @@ _RELEASES = (
     _crossmae("crossmae_vit_large_finetune", "vitl-mr0.75-kmr0.75-dd12",
               "imagenet-mae-cross-vitl-finetune-wfm-mr0.75-kmr0.75-dd12-ep800-ui.pth",
               "CrossMAE ViT-L/16 fine-tuned on ImageNet-1k", False),
+    _crossmae("crossmae_vit_huge_finetune", "vith-mr0.75-kmr0.25-dd12",
+              "imagenet-mae-cross-vith-finetune-wfm-mr0.75-kmr0.25-dd12-ep800-ui.pth",
+              "CrossMAE ViT-H/14 fine-tuned on ImageNet-1k", False),
 )
 RELEASES: dict[str, Release] = {r.name: r for r in _RELEASES}
-NOT_RELEASED = {
-    "crossmae_vit_huge": "CrossMAE released ViT-S, ViT-B (224 and 448 px) and ViT-L weights, no ViT-H "
-                         "(TonyLianLong/CrossMAE README); pretrain one with "
-                         "configs/pretrain/crossmae_vit_huge_800ep.yaml",
-}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -176,8 +178,6 @@ def resolve_weights(value: str | Path, releases: dict[str, Release] | None = Non
                                   "writes); give a weights file or such a folder")
         return found
     if not Path(value).exists() and _NAME.match(text):  # a bare name, not a path: say which names exist
-        if text in NOT_RELEASED:
-            raise CheckpointError(f"{text}: {NOT_RELEASED[text]}")
         raise CheckpointError(f"{text} is neither a file nor a released-weights name; names: {', '.join(releases)}")
     return Path(value)
 

@@ -208,12 +208,17 @@ def test_a_release_storing_args_needs_trust_pickle_in_every_tool(server, tmp_pat
     assert "official layout, loaded" in capsys.readouterr().out
 
 
-def test_unknown_and_unreleased_names_are_one_line():
+def test_unknown_names_are_one_line():
     with pytest.raises(CheckpointError, match="neither a file nor a released-weights name; names: mae_vit_base"):
         resolve_weights("mae_vit_gigantic")
-    with pytest.raises(CheckpointError, match="no ViT-H"):
-        resolve_weights("crossmae_vit_huge")
     assert resolve_weights("some/dir/file.pth") == Path("some/dir/file.pth")  # a path: read_checkpoint says "not found"
+
+
+def test_crossmae_vit_h_is_the_readmes_prediction_ratio_0_25_run():
+    base = "https://huggingface.co/longlian/CrossMAE/resolve/main/vith-mr0.75-kmr0.25-dd12/imagenet-mae-cross-vith-"
+    assert RELEASES["crossmae_vit_huge"].url == base + "pretrain-wfm-mr0.75-kmr0.25-dd12-ep800-ui.pth"
+    assert RELEASES["crossmae_vit_huge_finetune"].url == base + "finetune-wfm-mr0.75-kmr0.25-dd12-ep800-ui.pth"
+    assert RELEASES["crossmae_vit_huge"].norm_pix_loss is True
 
 
 def test_the_registry_names_official_urls():
