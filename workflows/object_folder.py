@@ -7,29 +7,27 @@ fine-tuning a classifier on the same objects the detector and the frozen-feature
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from detection.datasets import dataset_files, register_builtin_shapes
 from pretrain.data.images import open_rgb
 from pretrain.errors import DataError
 from pretrain.files import build_folder_once
-from pretrain.evaluation.objects import read_coco_objects
+from pretrain.evaluation.objects import object_boxes
 
 __all__ = ["object_folder", "builtin_object_folder"]
 
 
 def _write_split(json_file: str | Path, image_root: str | Path, out: Path) -> None:
-    classes, objects = read_coco_objects(json_file)
+    classes, boxes = object_boxes(json_file)
     for name in classes:
         (out / name).mkdir(parents=True)
-    for n, (file_name, (x, y, w, h), label) in enumerate(objects):
+    for n, (file_name, box, label) in enumerate(boxes):
         path = Path(image_root) / file_name
         try:
             image = open_rgb(path)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {path} ({e}); check the image folder") from None
-        box = (math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h))
         image.crop(box).save(out / classes[label] / f"{n:06d}.png")
 
 

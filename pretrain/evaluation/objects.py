@@ -13,7 +13,7 @@ from torchvision import datasets, transforms
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, open_rgb
 from ..errors import DataError
 
-__all__ = ["read_coco_objects", "ObjectCrops", "image_folder"]
+__all__ = ["read_coco_objects", "object_boxes", "ObjectCrops", "image_folder"]
 
 
 def _normalize() -> transforms.Normalize:
@@ -58,6 +58,17 @@ def read_coco_objects(json_file: str | Path) -> tuple[list[str], list[tuple[str,
     return classes, objects
 
 
+def object_boxes(json_file: str | Path) -> tuple[list[str], list[tuple[str, tuple[int, int, int, int], int]]]:
+    """`read_coco_objects` with each box as the pixel box PIL crops, rounded outwards: (x0, y0, x1, y1).
+
+    Raises:
+        DataError: as `read_coco_objects`.
+    """
+    classes, objects = read_coco_objects(json_file)
+    return classes, [(file_name, (math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h)), label)
+                     for file_name, (x, y, w, h), label in objects]
+
+
 class ObjectCrops(Dataset):
     """Every ground-truth object of a COCO-format set as (crop, category index), crops resized to `input_size`.
 
@@ -71,10 +82,7 @@ class ObjectCrops(Dataset):
 
     def __init__(self, json_file: str | Path, image_root: str | Path, input_size: int) -> None:
         self.image_root = Path(image_root)
-        self.classes, objects = read_coco_objects(json_file)
-        self.items: list[tuple[str, tuple[int, int, int, int], int]] = [
-            (file_name, (math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h)), label)
-            for file_name, (x, y, w, h), label in objects]
+        self.classes, self.items = object_boxes(json_file)
         self.transform = transforms.Compose([transforms.Resize((input_size, input_size),
                                                                interpolation=transforms.InterpolationMode.BICUBIC),
                                              transforms.ToTensor(), _normalize()])

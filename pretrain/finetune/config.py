@@ -6,13 +6,12 @@ The resolved config is a plain dict, stored in checkpoints that load with `torch
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from typing import Any
 
 from ..errors import ConfigError
 from ..models import VIT_SIZES
-from ..training.config import check_type, load_recipe
+from ..training.config import check_values, load_recipe
 
 # MAE's `models_vit` names: vit_{size}_patch{patch} for each size of the one table
 MODELS: dict[str, str] = {f"vit_{size}_patch{spec['patch_size']}": size for size, spec in VIT_SIZES.items()}
@@ -156,19 +155,9 @@ def validate(cfg: dict[str, Any]) -> None:
     Raises:
         ConfigError: the first unusable value.
     """
-    for key, kind in TYPES.items():
-        if kind.startswith("floats"):
-            value = cfg[key]
-            if value is not None and (not isinstance(value, list) or len(value) != 2):
-                raise ConfigError(f"{key} must be two numbers (min max), got {value!r}")
-            continue
-        check_type(key, cfg[key], kind)
-    for key, kind in TYPES.items():
-        if kind.startswith("float") and isinstance(cfg[key], float) and not math.isfinite(cfg[key]):
-            raise ConfigError(f"--{key} must be a finite number, got {cfg[key]}")
-    for key, low in _MINIMUM.items():
-        if cfg[key] is not None and cfg[key] < low:
-            raise ConfigError(f"--{key} must be >= {low}, got {cfg[key]}")
+    check_values(cfg, TYPES, _MINIMUM)
+    if cfg["cutmix_minmax"] is not None and len(cfg["cutmix_minmax"]) != 2:
+        raise ConfigError(f"cutmix_minmax must be two numbers (min max), got {cfg['cutmix_minmax']!r}")
     for key in _AT_MOST_ONE:
         if cfg[key] > 1:
             raise ConfigError(f"--{key} must be at most 1, got {cfg[key]}")

@@ -98,7 +98,8 @@ def evaluate_checkpoint(cfg: dict[str, Any], device: torch.device, rank: int = 0
     if num_classes != len(val_set.classes):
         raise CheckpointError(f"{cfg['resume']} classifies {num_classes} classes but {cfg['data_path']}/val has "
                               f"{len(val_set.classes)} class folders; evaluate it on data with its classes")
-    trained_on = (ckpt.get("config") or {}).get("classes") if isinstance(ckpt, dict) else None
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}  # ours record classes and chance
+    trained_on = config.get("classes")
     if trained_on is not None and trained_on != val_set.classes:
         raise CheckpointError(f"{cfg['data_path']}/val has other class folders than {cfg['resume']} was trained on "
                               f"({sorted(set(trained_on) ^ set(val_set.classes))[:5]}); labels would not match")
@@ -108,7 +109,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], device: torch.device, rank: int = 0
     stats = evaluate(model.to(device), _val_loader(val_set, cfg, rank, world), device, num_classes)
     val = torch.tensor(val_set.targets)
     # the majority class is the training set's, recorded in our checkpoints; else val's own
-    chance = (ckpt.get("config") or {}).get("chance") or chance_levels(val, val, num_classes)
+    chance = config.get("chance") or chance_levels(val, val, num_classes)
     return {**stats, "chance": chance, "classes": val_set.classes, "checkpoint": str(cfg["resume"])}
 
 

@@ -223,14 +223,7 @@ def validate(cfg: dict[str, Any]) -> None:
     def bad(msg: str) -> None:
         raise ConfigError(msg)
 
-    for key, kind in TYPES.items():
-        check_type(key, cfg[key], kind)
-        # NaN passes every comparison below, and an infinite rate or factor is no setting: refused here
-        if kind.startswith("float") and cfg[key] is not None and not math.isfinite(cfg[key]):
-            bad(f"--{key} must be a finite number, got {cfg[key]}")
-    for key, low in _MINIMUM.items():
-        if cfg[key] is not None and cfg[key] < low:
-            bad(f"--{key} must be >= {low}, got {cfg[key]}")
+    check_values(cfg, TYPES, _MINIMUM)
     for key in ("blr", "lr"):
         if cfg[key] is not None and cfg[key] <= 0:
             bad(f"--{key} must be > 0, got {cfg[key]}")
@@ -270,9 +263,24 @@ def validate(cfg: dict[str, Any]) -> None:
         bad("--data_path is required: an ImageNet-layout root holding train/<class>/<image>, or 'builtin'")
 
 
+def check_values(cfg: dict[str, Any], types: dict[str, str], minimum: dict[str, float]) -> None:
+    """Every key's type (`check_type`, finite numbers included) and lower bound: the checks that pretraining's and
+    fine-tuning's configs share.
+
+    Raises:
+        ConfigError: the first value of another type, not finite, or under its minimum.
+    """
+    for key, kind in types.items():
+        check_type(key, cfg[key], kind)
+    for key, low in minimum.items():
+        if cfg[key] is not None and cfg[key] < low:
+            raise ConfigError(f"--{key} must be >= {low}, got {cfg[key]}")
+
+
 def check_type(key: str, value: Any, kind: str) -> None:
     """Raise a one-line ConfigError unless `value` is of `kind` ("int", "float", "bool", "str", "dict", "ints" (a
-    list of ints); a trailing "?" admits None)."""
+    list of ints), "floats" (a list of numbers); a trailing "?" admits None). Numbers must be finite: NaN passes every
+    comparison of the range checks, and an infinite rate or factor is no setting."""
     if kind.endswith("?"):
         if value is None:
             return
@@ -280,11 +288,15 @@ def check_type(key: str, value: Any, kind: str) -> None:
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
           "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "floats": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    for v in value),
           "bool": isinstance(value, bool), "str": isinstance(value, str), "dict": isinstance(value, dict)}[kind]
     if not ok:
         hint = {"bool": "write true or false, unquoted", "int": "write a whole number", "float": "write a number",
-                "ints": "write a list of whole numbers, e.g. [-1]",
+                "ints": "write a list of whole numbers, e.g. [-1]", "floats": "write a list of numbers",
                 "str": "write a string", "dict": "write a mapping"}[kind]
-        article = {"int": "an int", "ints": "a list of ints"}.get(kind, f"a {kind}")
+        article = {"int": "an int", "ints": "a list of ints", "floats": "a list of numbers"}.get(kind, f"a {kind}")
         raise ConfigError(f"{key} must be {article}, got {value!r} "
                           f"({type(value).__name__}); {hint}")
+    if kind.startswith("float") and not all(math.isfinite(v) for v in (value if kind == "floats" else [value])):
+        raise ConfigError(f"--{key} must be a finite number, got {value}")

@@ -164,7 +164,7 @@ def test_a_set_without_masks_trains_and_evaluates_a_box_only_model(box_only):
     ap = json.loads((out / "ap.json").read_text())
     assert set(ap) == {"bbox", "iteration"} and 0.0 <= ap["bbox"]["AP"] <= 100.0
     assert "dataset test_box_only_train has boxes but no masks: training a box-only model" in log
-    assert not any(k.startswith("roi_heads.mask_head") for k in torch.load(out / "model_final.pth")["model"])
+    assert not any(k.startswith("roi_heads.mask_head") for k in torch.load(out / "model_final.pth", weights_only=True)["model"])
 
 
 def test_a_box_only_model_is_evaluated_alone_on_its_set(box_only, tmp_path):
