@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from .analysis.report import analyze_attention as analyze
 from .analysis.report import reconstruction_grids
+from .data.shards import INDEX, write_shards
 from .distributed import launch_rank
 from .errors import command
 from .training.config import load_config
@@ -25,6 +26,27 @@ def pretrain(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(argv)
     log_to_stderr("pretrain")
     run(cfg)
+
+
+@command
+def make_shards(argv: Sequence[str] | None = None) -> None:
+    """Write an ImageFolder (<class>/<image>) as webdataset tar shards for --data_path, with an index (shards.json)
+    of each shard's sample count and the classes."""
+    p = argparse.ArgumentParser(description=make_shards.__doc__, epilog=(
+        "Each sample is <key>.jpg|png|... (the file's original bytes) and <key>.cls (its class index in sorted-class "
+        "order). The samples are shuffled (--seed) before they are cut into shards. Each shard is written under a "
+        "temporary name and renamed; the index is written last."))
+    p.add_argument("source", help="ImageFolder root holding <class>/<image>, e.g. /data/imagenet/train")
+    p.add_argument("output", help=f"folder for the shards PREFIX-NNNNNN.tar and {INDEX}")
+    p.add_argument("--shard_size", type=int, default=1000,
+                   help="samples per shard (default 1000: ImageNet's train split in 1282 shards of about 110 MB)")
+    p.add_argument("--prefix", default="train", help="shard file name prefix (default train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards and index of an earlier conversion")
+    args = p.parse_args(argv)
+    index = write_shards(args.source, args.output, args.shard_size, args.seed, args.overwrite, args.prefix)
+    print(f"wrote {index['samples']} samples of {len(index['classes'])} classes in {len(index['shards'])} shards "
+          f"to {args.output}; pretrain with --data_path {args.output}")
 
 
 def log_to_stderr(name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -42,8 +43,8 @@ def eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(pixels / top * 255.0), 0, 255).astype(np.uint8), "L")
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """An image file as 8-bit RGB, deep grey images scaled by `eight_bit`.
+def open_rgb(path: str | Path | IO[bytes]) -> Image.Image:
+    """An image file (or its bytes in a binary file object) as 8-bit RGB, deep grey images scaled by `eight_bit`.
 
     Raises:
         OSError, ValueError, Image.DecompressionBombError: as PIL for unreadable files.

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "data_path": "builtin",
     "builtin_size": 2048,  # images in the built-in source
     "cache_images": False,  # decode image files once and keep them in memory (small sets only)
+    "shuffle_buffer": 2000,  # sharded data: samples each data-loader worker shuffles in (0: none; pretrain.data.shards)
     "init_from": "",  # start from the encoder tensors of this checkpoint instead of a fresh init
     "output_dir": "output/pretrain",
     "resume": "",
@@ -65,11 +66,13 @@ TYPES: dict[str, str] = {
     "model_kwargs": "dict", "use_fm": "ints?",
     "norm_pix_loss": "bool", "weight_decay": "float", "lr": "float?", "blr": "float", "lr_prediction_scale": "str",
     "min_lr": "float", "warmup_epochs": "float", "data_path": "str?", "builtin_size": "int", "cache_images": "bool",
+    "shuffle_buffer": "int",
     "init_from": "str", "output_dir": "str", "resume": "str", "num_workers": "int", "seed": "int", "device": "str",
     "save_every": "int", "snapshot_every": "int", "vis_every": "int", "log_every": "int", "loss_spike_factor": "float",
     "overwrite": "bool", "trust_pickle": "bool", "compile": "bool",
 }
 _MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "builtin_size": 1, "num_workers": 0,
+            "shuffle_buffer": 0,
             "save_every": 1, "snapshot_every": 0, "vis_every": 1, "log_every": 1, "warmup_epochs": 0, "min_lr": 0,
             "weight_decay": 0, "loss_spike_factor": 0, "decoder_depth": 1}
 
@@ -135,10 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_args(p: argparse.ArgumentParser) -> None:
     """The flags of data, output folder, resume, schedule of records, divergence guard, compile and trust."""
     p.add_argument("--data_path", help="ImageNet-layout root holding train/<class>/<image>, a folder of images, "
-                                       "or 'builtin'")
+                                       "'builtin', or webdataset shards of tools/make_shards.py: their folder (holding "
+                                       "shards.json) or a brace pattern such as /data/train-{000000..000127}.tar")
     p.add_argument("--builtin_size", type=int, help="number of built-in images (with --data_path builtin)")
     p.add_argument("--cache_images", action=argparse.BooleanOptionalAction,
                    help="decode image files once and keep them in memory (small sets)")
+    p.add_argument("--shuffle_buffer", type=int,
+                   help="sharded data: samples each data-loader worker holds to shuffle (default 2000, about 220 MB "
+                        "of ImageNet JPEGs; 0: none)")
     p.add_argument("--init_from", help="start from the encoder tensors of this weights file or release name instead "
                                        "of a fresh init, e.g. another run's snapshots/step-0000000.pth to start two "
                                        "methods from one encoder (the same --seed alone gives MAE and CrossMAE "

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..analysis.figures import reconstruction_panels, save_reconstruction_grid
 from ..data.images import BuiltinImages, RobustImages, build_dataset, eval_transform
+from ..data.shards import ShardedImages, ShardLoader, is_sharded, open_shards
 from ..distributed import cleanup, init_distributed, launch_rank, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, UserError, interrupt_name, interrupt_status
 from ..files import save_atomic, write_text_atomic
@@ -74,6 +75,8 @@ def _vis_images(cfg: dict[str, Any], dataset, device: torch.device) -> torch.Ten
     tf = eval_transform(cfg["input_size"])
     if isinstance(dataset, BuiltinImages):
         source = BuiltinImages(len(dataset), tf, seed=cfg["seed"])
+    elif isinstance(dataset, ShardedImages):
+        source = dataset.head(N_VIS, tf)
     else:
         source = RobustImages(dataset.files, tf, dataset.root)
     idx = np.linspace(0, len(source) - 1, N_VIS).astype(int)
@@ -195,13 +198,17 @@ def read_log(out: str | Path) -> list[dict[str, Any]]:
 
 
 def _loader(cfg: dict[str, Any], dataset, device: torch.device, rank: int, world: int) -> tuple[DataLoader, int]:
-    """The training loader (a distributed sampler, whole batches) and its optimizer steps per epoch.
+    """The training loader (a distributed sampler, whole batches; or a `ShardLoader`) and its optimizer steps per
+    epoch.
 
     Raises:
         DataError: fewer images than one batch.
         ConfigError: an accumulation longer than an epoch, whose optimizer would never step.
     """
-    per_epoch = len(dataset) // (cfg["batch_size"] * world)
+    sharded = isinstance(dataset, ShardedImages)
+    if sharded:  # equal iterations on every process; the data-loader workers split the shards (pretrain.data.shards)
+        loader = ShardLoader(dataset, cfg["batch_size"], world, cfg["num_workers"], device.type == "cuda")
+    per_epoch = len(loader) if sharded else len(dataset) // (cfg["batch_size"] * world)
     if per_epoch < 1:
         raise DataError(f"{len(dataset)} images are fewer than one batch ({cfg['batch_size']} x {world} "
                          "processes); lower --batch_size or add data")
@@ -210,6 +217,8 @@ def _loader(cfg: dict[str, Any], dataset, device: torch.device, rank: int, world
         raise ConfigError(f"--accum_iter {cfg['accum_iter']} exceeds the {per_epoch} iterations of an epoch, whose "
                           "partial group is dropped as in the official trainers: the optimizer would never step; "
                           "lower --accum_iter or pass --step_partial_accum")
+    if sharded:
+        return loader, steps_per_epoch
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True)
@@ -336,8 +345,10 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     resume = resolve_resume(cfg["resume"], out)
     if main:
         prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"], [cfg["init_from"]])
-    dataset = build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
-                            cache_images=cfg["cache_images"])
+    dataset = (open_shards(cfg["data_path"], cfg["input_size"], cfg["seed"], cfg["shuffle_buffer"])
+               if is_sharded(cfg["data_path"]) else
+               build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
+                             cache_images=cfg["cache_images"]))
     loader, steps_per_epoch = _loader(cfg, dataset, device, rank, world)
     model, optimizer, scaler, peak_lr, resolved = _build(cfg, device, world)
     start_epoch, spike = ((0, SpikeGuard(cfg["loss_spike_factor"])) if resume is None
@@ -361,7 +372,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     for epoch in range(start_epoch, cfg["epochs"]):
         try:
             seed_epoch(cfg["seed"], epoch, rank)
-            loader.sampler.set_epoch(epoch)
+            (loader if isinstance(loader, ShardLoader) else loader.sampler).set_epoch(epoch)
             t0 = time.time()
             stats = _train_epoch(model, ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer,
                                  spike, out)
