@@ -4,7 +4,8 @@ Sub-packages, each importing only those listed before it (and the shared modules
 `distributed`):
 
 - `models`: the shared ViT encoder, MAE's and CrossMAE's decoders, the registry of named sizes;
-- `data`: images in (ImageNet-layout folders, image files, the procedural shapes renderer), transforms, masks;
+- `data`: images in (ImageNet-layout folders, image files, webdataset shards, the procedural shapes renderer),
+  transforms, masks;
 - `weights`: every MAE-family weights layout, released weights by name, reading a file into an encoder or a
   model, fitting an encoder to a target's grid and patch;
 - `analysis`: decoder attention, reconstruction figures and the tools' reports;

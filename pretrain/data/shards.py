@@ -12,8 +12,9 @@ samples in a buffer seeded by (seed, epoch, rank, worker) and decodes them as th
 (`images.open_rgb`). An epoch is therefore repeatable from its start, which is where a run resumes: a stream
 stopped mid-epoch restarts that epoch's stream. A sample whose image cannot be decoded, or which has no image or no
 `.cls`, is skipped with a warning and counted in the `n_skipped` of the next sample its worker yields (the trainer's
-`skipped_images`). Every process runs the same number of iterations: the batches that the smallest set of shards
-any process can be dealt holds (see `ShardLoader`).
+`skipped_images`; one after a worker's last sample is logged only). A shard that is no readable tar stops the run
+(`DataError`). Every process runs the same number of iterations: the batches that the smallest set of shards any
+process can be dealt holds (see `ShardLoader`); each process needs a shard for each data-loader worker.
 """
 from __future__ import annotations
 
@@ -215,7 +216,9 @@ class _Skips:
 
 def _shard_error(exn: Exception) -> bool:
     """The webdataset handler of a shard that cannot be opened or read as a tar: the run stops in one line."""
-    raise DataError(f"a shard cannot be read ({' '.join(str(exn).split())}); write the shards again") from None
+    words = [a for a in exn.args if isinstance(a, str)]  # webdataset appends the shard's url to the arguments
+    where, what = (f"shard {words[-1]}", words[0]) if len(words) > 1 else ("a shard", str(exn))
+    raise DataError(f"{where} cannot be read ({' '.join(what.split())}); write the shards again") from None
 
 
 class ShardedImages(IterableDataset):

@@ -366,7 +366,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
         trim_log(out, start_epoch)
         writer, vis = _start_records(cfg, resolved, out, start_epoch, model, dataset, device)
         logger.info("%s on %s, %d process(es): %d images, %d iterations/epoch, lr %.3g (blr %.3g), effective batch %d",
-                    cfg["model"], device, world, len(dataset), len(dataset) // (cfg["batch_size"] * world), peak_lr,
+                    cfg["model"], device, world, len(dataset), len(loader), peak_lr,
                     cfg["blr"], resolved["effective_batch_size"])
     history = []
     for epoch in range(start_epoch, cfg["epochs"]):
