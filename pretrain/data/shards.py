@@ -91,6 +91,8 @@ def write_shards(source: str | Path, output: str | Path, shard_size: int, seed: 
     source, output = Path(source), Path(output)
     if shard_size < 1:
         raise ConfigError(f"--shard_size must be >= 1, got {shard_size}")
+    if not prefix or any(c in prefix for c in "/\\{}*?[]"):
+        raise ConfigError(f"--prefix {prefix!r} is no plain file name; give one such as train")
     if not source.is_dir():
         raise DataError(f"ImageFolder {source} does not exist; give a folder holding <class>/<image>")
     if output.resolve().is_relative_to(source.resolve()):
@@ -279,13 +281,17 @@ class ShardLoader:
     shards of the epoch again from the start until it has its batches.
 
     Raises:
-        ConfigError: fewer shards a process than DataLoader workers.
+        ConfigError: fewer shards a process than DataLoader workers, or a process group that webdataset does not see.
         DataError: fewer samples a process than one batch.
     """
 
     def __init__(self, dataset: ShardedImages, batch_size: int, world: int, num_workers: int,
                  pin_memory: bool = False) -> None:
         self.dataset, self.batch_size, self.num_workers, self.pin_memory = dataset, batch_size, num_workers, pin_memory
+        seen = wds.utils.pytorch_worker_info()[1]  # what webdataset's split by rank reads (RANK, WORLD_SIZE)
+        if seen != world:
+            raise ConfigError(f"webdataset sees {seen} process(es) where the run has {world}; start the processes "
+                              "with torchrun, which sets RANK and WORLD_SIZE")
         per_process = len(dataset.urls) // world
         if per_process < max(1, num_workers):
             raise ConfigError(f"{len(dataset.urls)} shards cannot feed {world} process(es) x {max(1, num_workers)} "
@@ -309,8 +315,10 @@ class ShardLoader:
 
     def _one_pass(self) -> Iterator[list[torch.Tensor]]:
         batches = wds.DataPipeline(self.dataset, wds.batched(self.batch_size, collation_fn=default_collate))
-        loader = wds.WebLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        return iter(loader.unbatched().batched(self.batch_size, collation_fn=default_collate, partial=False))
+        loader = wds.WebLoader(batches, batch_size=None, num_workers=self.num_workers)
+        loader = loader.unbatched().batched(self.batch_size, collation_fn=default_collate, partial=False)
+        # pinned after the re-batching, which copies
+        return iter(loader.map(lambda b: [t.pin_memory() for t in b]) if self.pin_memory else loader)
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
         done = 0

@@ -77,6 +77,10 @@ def test_the_converter_refuses_in_one_line(tmp_path, capsys, one_error_line):
     assert make([str(tmp_path / "empty"), str(tmp_path / "o")]) == 2
     one_error_line("no images in", "<class>/<image>")
     src = _image_folder(tmp_path / "src", 6)
+    assert make([str(src), str(tmp_path / "o"), "--shard_size", "0"]) == 2
+    one_error_line("--shard_size must be >= 1")
+    assert make([str(src), str(tmp_path / "o"), "--prefix", "a/b"]) == 2
+    one_error_line("no plain file name")
     assert make([str(src), str(src / "shards")]) == 2
     one_error_line("inside the ImageFolder")
     assert make([str(src), str(tmp_path / "o"), "--shard_size", "2"]) == 0
@@ -132,6 +136,9 @@ def test_unequal_shards_leave_the_same_number_of_batches_to_every_rank(tmp_path,
         ShardLoader(ShardedImages(urls, counts, _red), 4, world=2, num_workers=4)
     with pytest.raises(DataError, match="fewer than one batch"):
         ShardLoader(ShardedImages(urls, counts, _red), 16, world=2, num_workers=0)
+    monkeypatch.delenv("WORLD_SIZE")  # processes started otherwise than by torchrun: webdataset would see one
+    with pytest.raises(ConfigError, match="webdataset sees 1 process"):
+        ShardLoader(ShardedImages(urls, counts, _red), 4, world=2, num_workers=0)
 
 
 def _tar(path: Path, samples: list[dict]) -> None:
