@@ -92,7 +92,7 @@ class StopFlag:
 
     def name(self) -> str:
         """The signal as a message names it (another process may have received it)."""
-        return self.signal or "a preemption signal"
+        return self.signal or "signal to another process"
 
 
 @contextmanager

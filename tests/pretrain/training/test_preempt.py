@@ -3,6 +3,10 @@
 deals the rest of an epoch once to any number of processes."""
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +127,60 @@ def test_the_rest_of_an_epoch_is_dealt_once_to_any_number_of_processes(before, a
             s = ResumableSampler(data, num_replicas=after, rank=rank, seed=5)
             s.set_epoch(4)
             assert list(s)[steps * batch:] == rest[rank]
+
+
+# ------------------------------------------------------------------------------------------ two processes, torchrun
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(recipe: str, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(_free_port()), str(ROOT / "tools" / "main_pretrain.py"), "--config", recipe,
+                             "--output_dir", str(out), *extra], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _worker(agent: int, rank: int) -> int:
+    """The pid of torchrun's worker process of `rank`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent:
+                if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    return int(proc.name)
+        except OSError:  # a process that ended meanwhile
+            continue
+    raise AssertionError(f"no worker of rank {rank} under torchrun {agent}")
+
+
+@pytest.mark.slow  # three two-process runs under torchrun
+def test_two_processes_stopped_by_sigusr1_and_resumed_give_the_losses_and_weights_of_an_uninterrupted_run(
+        tmp_path, tiny_cfg):
+    cfg = tiny_cfg(tmp_path, epochs=3, batch_size=2, builtin_size=64)  # 16 iterations an epoch on each process
+    recipe = _recipe(tmp_path, cfg)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = _torchrun(recipe, full)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    proc = _torchrun(recipe, cut)
+    while not (cut / "log.txt").is_file() and proc.poll() is None:  # epoch 0 is logged: the run is in epoch 1
+        time.sleep(0.01)
+    os.kill(_worker(proc.pid, 1), signal.SIGUSR1)  # one process only: the other learns it at the next step
+    assert proc.wait(timeout=300) != 0
+    err = proc.stderr.read()
+    assert "preempted (SIGUSR1) in epoch" in err and "--resume auto" in err, err[-3000:]
+    position = torch.load(cut / "checkpoint-last.pth", weights_only=True)["position"]
+    assert 0 < position["iteration"] < 16 and len(position["ranks"]) == 2
+    proc = _torchrun(recipe, cut, "--resume", "auto")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    a, b = read_log(full), read_log(cut)
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    assert [r["train_loss"] for r in b] == [r["train_loss"] for r in a]
+    wa = torch.load(full / "checkpoint-last.pth", weights_only=True)["model"]
+    wb = torch.load(cut / "checkpoint-last.pth", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
