@@ -168,14 +168,15 @@ def test_two_processes_stopped_by_sigusr1_and_resumed_give_the_losses_and_weight
     proc = _torchrun(recipe, full)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     proc = _torchrun(recipe, cut)
-    while not (cut / "log.txt").is_file() and proc.poll() is None:  # epoch 0 is logged: the run is in epoch 1
+    while not (cut / "checkpoint-last.pth").is_file() and proc.poll() is None:  # epoch 0 is saved
         time.sleep(0.01)
+    time.sleep(0.3)  # into epoch 1 (16 iterations, seconds)
     os.kill(_worker(proc.pid, 1), signal.SIGUSR1)  # one process only: the other learns it at the next step
     assert proc.wait(timeout=300) != 0
     err = proc.stderr.read()
     assert "preempted (SIGUSR1) in epoch" in err and "--resume auto" in err, err[-3000:]
     position = torch.load(cut / "checkpoint-last.pth", weights_only=True)["position"]
-    assert 0 < position["iteration"] < 16 and len(position["ranks"]) == 2
+    assert position["epoch"] == 1 and 0 < position["iteration"] < 16 and len(position["ranks"]) == 2
     proc = _torchrun(recipe, cut, "--resume", "auto")
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     a, b = read_log(full), read_log(cut)
