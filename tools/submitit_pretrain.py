@@ -3,7 +3,8 @@
 pretraining flag of tools/main_pretrain.py.
 
     python tools/submitit_pretrain.py --nodes 8 --ngpus 8 --partition learn --timeout 4320 \
-        --config configs/pretrain/crossmae_vit_base_800ep.yaml --data_path /data/imagenet --output_dir runs/vitb800
+        --config configs/pretrain/crossmae_vit_base_800ep.yaml --data_path /data/imagenet --batch_size 64 \
+        --output_dir runs/vitb800
 
 Before the time limit or on preemption the run saves its position and requeues itself; it continues with
 --resume auto (docs/pretraining.md#multi-node-and-slurm).
