@@ -12,5 +12,5 @@ Sub-packages, each importing only those listed before it (and the shared modules
 - `training`: configuration and recipes, optimizer, lr schedule, the epoch loop, resume checkpoints, the trainer;
 - `evaluation`: frozen features, the k-NN and linear probes, object crops, FLOP counts.
 
-`cli` holds the command lines. Nothing here imports `detection` or `workflows`.
+`cli` holds the command lines; `cluster` the SLURM launch through submitit. Nothing here imports `detection` or `workflows`.
 """

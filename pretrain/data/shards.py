@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import random
+import zlib
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -260,8 +261,14 @@ class ShardedImages(IterableDataset):
         stream = wds.WebDataset(self.epoch_urls(), shardshuffle=False, nodesplitter=wds.split_by_node,
                                 workersplitter=wds.split_by_worker, handler=_shard_error, empty_check=False)
         stream = stream.shuffle(self.shuffle_buffer, seed=f"samples/{self.seed}/{self.epoch}/{rank}/{worker}")
-        for image, _ in stream.map(_decode, handler=skips):
-            yield self.transform(image), skips.take()
+        for i, (image, _) in enumerate(stream.map(_decode, handler=skips)):
+            # each sample's random crop and flip are drawn from its own seed, a function of its place in this
+            # process's stream: the same in a run resumed inside the epoch, whatever else drew from torch's RNG
+            # between samples (masks, webdataset's batching reads one sample ahead)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{rank}/{worker}/{i}".encode()))
+                sample = self.transform(image)
+            yield sample, skips.take()
 
     def head(self, n: int, transform: Callable) -> list[tuple[torch.Tensor, int]]:
         """The first `n` readable samples in index order through `transform`, as (tensor, 0): fixed images for
@@ -288,6 +295,7 @@ class ShardLoader:
     def __init__(self, dataset: ShardedImages, batch_size: int, world: int, num_workers: int,
                  pin_memory: bool = False) -> None:
         self.dataset, self.batch_size, self.num_workers, self.pin_memory = dataset, batch_size, num_workers, pin_memory
+        self.world = world
         seen = wds.utils.pytorch_worker_info()[1]  # what webdataset's split by rank reads (RANK, WORLD_SIZE)
         if seen != world:
             raise ConfigError(f"webdataset sees {seen} process(es) where the run has {world}; start the processes "
@@ -307,11 +315,16 @@ class ShardLoader:
             logger.info("shards: %d of %d samples an epoch are left out (%d shards of unequal size or number among "
                         "%d process(es), batches of %d)", unread, len(dataset), len(dataset.urls), world, batch_size)
 
-    def __len__(self) -> int:
-        return self.iterations
+    skip = 0  # batches of this epoch taken before a stop (`set_epoch`)
 
-    def set_epoch(self, epoch: int) -> None:
+    def __len__(self) -> int:
+        return self.iterations - self.skip
+
+    def set_epoch(self, epoch: int, done: int = 0) -> None:
+        """Read epoch `epoch`'s stream; `done`: samples of it (over all processes) taken before a stop, whose batches
+        `iter` reads and drops, so the rest of the epoch is what an unbroken run reads next."""
         self.dataset.set_epoch(epoch)
+        self.skip = min(done // (self.batch_size * self.world), self.iterations)
 
     def _one_pass(self) -> Iterator[list[torch.Tensor]]:
         batches = wds.DataPipeline(self.dataset, wds.batched(self.batch_size, collation_fn=default_collate))
@@ -321,6 +334,14 @@ class ShardLoader:
         return iter(loader.map(lambda b: [t.pin_memory() for t in b]) if self.pin_memory else loader)
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        """The epoch's batches after the `skip` first, which are read and dropped here, before the caller restores
+        its RNG states: the stream and the workers' seeds are then those of an unbroken epoch."""
+        batches = self._batches()
+        for _ in range(self.skip):
+            next(batches)
+        return batches
+
+    def _batches(self) -> Iterator[list[torch.Tensor]]:
         done = 0
         while done < self.iterations:
             before = done

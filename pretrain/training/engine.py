@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..distributed import all_reduce_mean, is_main_process
+from .preempt import EpochPosition, StopRequested
 from .schedule import lr_at, set_lr
 
 
@@ -89,8 +90,13 @@ def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, epoch: int, cfg: dict[str, Any],
                     peak_lr: float, writer: SummaryWriter | None = None,
-                    spike: SpikeGuard | None = None) -> dict[str, float]:
+                    spike: SpikeGuard | None = None, position: EpochPosition | None = None,
+                    stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Train for one pass over `loader`; `spike` (kept across epochs by the caller) stops a diverging run.
+
+    `position`: the epoch continues a stopped one (`pretrain.training.preempt`): `loader` yields only the rest of
+    it, and the iteration count, loss sum and RNG states go on from there. `stop`, asked at each optimizer step but
+    an epoch's last, ends the epoch early by raising `StopRequested` with the position reached.
 
     Gradients are accumulated over `cfg["accum_iter"]` iterations per optimizer step. A last group shorter than
     that is dropped, as in the official trainers: its losses are computed and logged, its gradients never
@@ -103,18 +109,22 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     """
     model.train()
     accum = cfg["accum_iter"]
-    n_iter = len(loader)
+    first = position.iteration if position is not None else 0
+    n_iter = first + len(loader)
     # iterations from `last_step_end` on belong to a partial group that is dropped
     last_step_end = min(n_iter, optimizer_steps_per_epoch(n_iter, accum, cfg.get("step_partial_accum", False)) * accum)
-    loss_sum, skipped, seen = 0.0, 0, 0
+    loss_sum, skipped, seen = (position.loss_sum, position.skipped, 0) if position is not None else (0.0, 0, 0)
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     spike = spike or SpikeGuard(0.0)
     # disable=None: no bar when stderr is not a terminal (a log file), so nothing redraws into files
-    bar = tqdm(loader, total=n_iter, desc=f"epoch {epoch}", disable=None if is_main_process() else True,
-               dynamic_ncols=True, leave=False)
+    batches = iter(loader)  # draws the workers' seed from the epoch's fresh RNG, as an uninterrupted epoch does
+    if position is not None:
+        position.restore_rng()
+    bar = tqdm(batches, total=n_iter, initial=first, desc=f"epoch {epoch}",
+               disable=None if is_main_process() else True, dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
-    for it, (imgs, n_skipped) in enumerate(bar):
+    for it, (imgs, n_skipped) in enumerate(bar, start=first):
         if it % accum == 0:
             lr = lr_at(epoch + it / n_iter, cfg, peak_lr)
             set_lr(optimizer, lr)
@@ -136,6 +146,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             step = int((epoch + it / n_iter) * 1000)
             writer.add_scalar("train/loss", loss_value, step)
             writer.add_scalar("train/lr", lr, step)
+        if boundary and it + 1 < n_iter and stop is not None and stop():
+            raise StopRequested(EpochPosition(epoch, it + 1, loss_sum=loss_sum, skipped=skipped))
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start

@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from ..analysis.figures import reconstruction_panels, save_reconstruction_grid
@@ -37,6 +37,8 @@ from .checkpoint import LAST, checkpoint_epoch, load_checkpoint, make_checkpoint
 from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .optim import build_optimizer, fused_by_default
+from .preempt import (PREEMPT_SIGNALS, EpochPosition, Preempted, ResumableSampler, StopFlag, StopRequested,
+                      position_for, preemption, save_position)
 
 logger = logging.getLogger("pretrain")
 N_VIS = 4  # images in each reconstruction grid
@@ -83,18 +85,20 @@ def _vis_images(cfg: dict[str, Any], dataset, device: torch.device) -> torch.Ten
     return torch.stack([source[int(i)][0] for i in idx]).to(device)
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: dict[str, Any], preempt_signals: Sequence[int] = PREEMPT_SIGNALS) -> dict[str, Any]:
     """Train as configured; returns {"epochs": [per-epoch stats], "output_dir": ...}.
 
     Raises:
         FolderInUse: another run holds `output_dir` (`pretrain.runlock`).
         Interrupted: Ctrl-C, or SIGTERM under a command line; the message says what was kept.
+        Preempted: one of `preempt_signals` (by default SIGUSR1) reached a process; the run saved its position in
+            the epoch at the next optimizer step (`pretrain.training.preempt`), for `--resume auto`.
         TrainingDiverged: a non-finite or spiking loss, or non-finite weights.
     """
     device = resolve_device(cfg["device"])
     out = Path(cfg["output_dir"])
-    with run_session(cfg, device, out) as (rank, world):
-        return _run(cfg, device, rank, world, out)
+    with run_session(cfg, device, out) as (rank, world), preemption(preempt_signals, device) as stop:
+        return _run(cfg, device, rank, world, out, stop)
 
 
 @contextmanager
@@ -219,16 +223,17 @@ def _loader(cfg: dict[str, Any], dataset, device: torch.device, rank: int, world
                           "lower --accum_iter or pass --step_partial_accum")
     if sharded:
         return loader, steps_per_epoch
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True)
     return loader, steps_per_epoch
 
 
 def _resume(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            cfg: dict[str, Any]) -> tuple[int, SpikeGuard]:
-    """Load a resume checkpoint into the model, optimizer and scaler; returns the epoch to start at and the
-    divergence guard with the run's recent losses (none from a checkpoint older than them)."""
+            cfg: dict[str, Any], rank: int, world: int) -> tuple[int, SpikeGuard, EpochPosition | None]:
+    """Load a resume checkpoint into the model, optimizer and scaler; returns the epoch to start at, the
+    divergence guard with the run's recent losses (none from a checkpoint older than them) and, for a checkpoint
+    of a preempted run, this process's position inside that epoch."""
     ckpt = load_checkpoint(resume, cfg["trust_pickle"])
     _check_resumable(ckpt, resume, cfg)
     load_model_weights(model, ckpt["model"], source=str(resume))
@@ -236,17 +241,20 @@ def _resume(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     scaler.load_state_dict(ckpt.get("scaler", {}))
     window = ckpt.get("loss_window")
     window = [x for x in window if isinstance(x, float)] if isinstance(window, list) else []
-    return int(ckpt["epoch"]) + 1, SpikeGuard(cfg["loss_spike_factor"], window)
+    position = position_for(ckpt.get("position"), rank, world, cfg["batch_size"])
+    window = position.loss_window if position is not None else window
+    return int(ckpt["epoch"]) + 1, SpikeGuard(cfg["loss_spike_factor"], window), position
 
 
-def _start_records(cfg: dict[str, Any], resolved: dict[str, Any], out: Path, start_epoch: int, model, dataset,
+def _start_records(cfg: dict[str, Any], resolved: dict[str, Any], out: Path, start_epoch: float, model, dataset,
                    device: torch.device) -> tuple[SummaryWriter, tuple[torch.Tensor, torch.Tensor]]:
-    """The main process's records of a run: config.yaml, the TensorBoard writer, the fixed images and masks of the
-    reconstruction grids, the step-0 snapshot of a new run."""
+    """The main process's records of a run that starts `start_epoch` epochs in (fractional inside an epoch):
+    config.yaml, the TensorBoard writer, the fixed images and masks of the reconstruction grids, the step-0 snapshot
+    of a new run."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     # purge_step drops events of an epoch redone after a kill (TensorBoard steps are 1/1000 epochs)
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * 1000 if start_epoch else None)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=int(start_epoch * 1000) if start_epoch else None)
     imgs = _vis_images(cfg, dataset, device)
     n_patches = model.patchify(imgs[:1]).shape[1]
     vis = (imgs, torch.rand(N_VIS, n_patches, generator=torch.Generator().manual_seed(cfg["seed"])).to(device))
@@ -297,10 +305,13 @@ def stopped_error(e: KeyboardInterrupt, where: str, out: Path, cfg: dict[str, An
 
 
 def _train_epoch(model, ddp_model, loader, optimizer, scaler, device: torch.device, epoch: int, cfg: dict[str, Any],
-                 peak_lr: float, writer: SummaryWriter | None, spike: SpikeGuard, out: Path) -> dict[str, Any]:
-    """One epoch, with divergence turned into one-line errors that name the kept checkpoint."""
+                 peak_lr: float, writer: SummaryWriter | None, spike: SpikeGuard, out: Path,
+                 position: EpochPosition | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+    """One epoch (from `position` on, stoppable by `stop`), with divergence turned into one-line errors that name
+    the kept checkpoint."""
     try:
-        stats = train_one_epoch(ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike)
+        stats = train_one_epoch(ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer, spike,
+                                position=position, stop=stop)
     except NonFiniteLossError as e:
         raise TrainingDiverged(f"{e}; stopping before saving it: {kept_checkpoint(out)}; lower --blr or check the "
                                "data") from None
@@ -339,7 +350,8 @@ def say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch:
         log.info("--resume auto: no checkpoint in %s, starting a new run", out)
 
 
-def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path) -> dict[str, Any]:
+def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path,
+         stop: StopFlag) -> dict[str, Any]:
     """The run in one process: set-up, resume, then epoch after epoch; one linear sequence, read whole."""
     main = rank == 0
     resume = resolve_resume(cfg["resume"], out)
@@ -351,8 +363,8 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
                              cache_images=cfg["cache_images"]))
     loader, steps_per_epoch = _loader(cfg, dataset, device, rank, world)
     model, optimizer, scaler, peak_lr, resolved = _build(cfg, device, world)
-    start_epoch, spike = ((0, SpikeGuard(cfg["loss_spike_factor"])) if resume is None
-                          else _resume(resume, model, optimizer, scaler, cfg))
+    start_epoch, spike, position = ((0, SpikeGuard(cfg["loss_spike_factor"]), None) if resume is None
+                                    else _resume(resume, model, optimizer, scaler, cfg, rank, world))
     if start_epoch >= cfg["epochs"]:
         logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
                        "train further", resume, start_epoch - 1, cfg["epochs"])
@@ -364,23 +376,33 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     if main:
         say_resume(cfg, out, resume, start_epoch)
         trim_log(out, start_epoch)
-        writer, vis = _start_records(cfg, resolved, out, start_epoch, model, dataset, device)
+        start = start_epoch + (position.iteration / len(loader) if position is not None else 0)
+        writer, vis = _start_records(cfg, resolved, out, start, model, dataset, device)
         logger.info("%s on %s, %d process(es): %d images, %d iterations/epoch, lr %.3g (blr %.3g), effective batch %d",
                     cfg["model"], device, world, len(dataset), len(loader), peak_lr,
                     cfg["blr"], resolved["effective_batch_size"])
     history = []
     for epoch in range(start_epoch, cfg["epochs"]):
+        resumed = position if epoch == start_epoch else None
         try:
+            if stop():  # a signal before the first epoch or during the last one's records
+                raise Preempted(f"preempted ({stop.name()}) before epoch {epoch}: {kept_checkpoint(out)}; continue "
+                                "with --resume auto")
             seed_epoch(cfg["seed"], epoch, rank)
-            (loader if isinstance(loader, ShardLoader) else loader.sampler).set_epoch(epoch)
+            done = resumed.samples_done if resumed is not None else 0
+            (loader if isinstance(loader, ShardLoader) else loader.sampler).set_epoch(epoch, done)
             t0 = time.time()
             stats = _train_epoch(model, ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer,
-                                 spike, out)
+                                 spike, out, resumed, stop)
             if main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
                 _record_epoch(stats, cfg, resolved, out, model, optimizer, scaler, spike, steps_per_epoch, writer, vis)
                 logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", epoch, stats["loss"], stats["lr"],
                             stats["images_per_s"], time.time() - t0,
                             f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")
+        except StopRequested as e:  # a preemption signal, agreed by every process at an optimizer step
+            state = make_checkpoint(model, optimizer, scaler, epoch - 1, resolved, spike.recent)
+            raise save_position(e, resumed, stop, cfg["batch_size"], state, out, save_checkpoint, rank,
+                                world) from None
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under a command line: in training or a checkpoint write
             raise stopped_error(e, f"in epoch {epoch}", out, cfg) from None
         history.append(stats)

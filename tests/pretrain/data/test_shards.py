@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,8 @@ from pretrain.data.images import render_builtin_image
 from pretrain.data.shards import INDEX, ShardedImages, ShardLoader, open_shards, shard_list, write_shards
 from pretrain.errors import ConfigError, DataError, one_line
 from pretrain.training.config import load_config
+from pretrain.training import trainer
+from pretrain.training.preempt import Preempted
 from pretrain.training.trainer import read_log, run
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -247,3 +250,33 @@ def test_two_process_gloo_pretraining_on_shards(tmp_path, tiny_cfg):
     log = read_log(out)
     assert len(log) == 2 and all(np.isfinite(r["train_loss"]) for r in log)
     assert "3 iterations/epoch" in proc.stderr and "6 of 18 samples an epoch are left out" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_preempted_run_on_shards_resumes_inside_the_epoch_with_the_losses_of_an_unbroken_run(
+        tmp_path, tiny_cfg, monkeypatch, workers):
+    shards = _builtin_shards(tmp_path)
+    whole = tiny_cfg(tmp_path / "whole", data_path=str(shards), epochs=3, shuffle_buffer=8, num_workers=workers)
+    run(whole)
+    cfg = {**whole, "output_dir": str(tmp_path / "part")}
+    real, calls = trainer.create_model, [0]
+
+    def signalling(c):  # the process sends itself SIGUSR1 in its 6th training forward (epoch 1), as a scheduler would
+        model = real(c)
+
+        def hook(mod, inputs):
+            if mod.training:
+                if calls[0] == 5:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                calls[0] += 1
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "create_model", signalling)
+    with pytest.raises(Preempted, match="in epoch 1 before iteration 2"):
+        run(cfg)
+    monkeypatch.undo()
+    run({**cfg, "resume": "auto"})
+    losses = [r["train_loss"] for r in read_log(whole["output_dir"])]
+    assert [r["train_loss"] for r in read_log(cfg["output_dir"])] == losses
+    assert len(set(losses)) == 3  # the comparison is not between constants

@@ -1,0 +1,80 @@
+"""The SLURM launcher (`pretrain.cluster`, `tools/submitit_pretrain.py`) under submitit's local executors: the same
+run in a job, SIGTERM taking the preemption path and handing over to submitit's requeue, which continues the run
+inside its epoch; `--help` and a refusal without SLURM."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import submitit
+import torch
+
+from pretrain.cluster import Trainer, slurm_executor, submit
+from pretrain.errors import ConfigError
+from pretrain.training.trainer import read_log, run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_job_runs_the_run_and_its_checkpoint_resubmits_it_with_resume_auto(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(tmp_path, epochs=1)
+    with mock.patch.dict(os.environ):  # the job exports RANK, WORLD_SIZE, MASTER_ADDR, ... into this process
+        job = submit(cfg, submitit.DebugExecutor(tmp_path / "jobs"))
+        assert [s["epoch"] for s in job.result()["epochs"]] == [0]
+    again = Trainer(cfg).checkpoint()
+    assert isinstance(again.function, Trainer) and again.function.cfg == {**cfg, "resume": "auto"}
+
+
+def test_help_works_without_slurm_and_submitting_without_sbatch_is_one_line(tmp_path, monkeypatch, one_error_line):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "submitit_pretrain.py"), "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--ngpus" in proc.stdout and "--blr" in proc.stdout, proc.stderr
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
+    with pytest.raises(ConfigError, match="sbatch not found"):
+        slurm_executor(tmp_path, 1, 8, "", 60)
+    for tool in ("sbatch", "srun"):  # stand-ins: the executor only looks them up
+        (tmp_path / tool).write_text("#!/bin/sh\n")
+        (tmp_path / tool).chmod(0o755)
+    executor = slurm_executor(tmp_path / "jobs", 2, 8, "learn", 60)
+    text = executor._executor._make_submission_file_text("python -m job", "uid")  # the sbatch script it would send
+    for line in ("--signal=USR1@120", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=60",
+                 "--partition=learn"):
+        assert line in text, text
+
+
+def _task(controller: int) -> int:
+    """The pid of the local job's task process (the controller's child)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == controller:
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no task under the local job's controller {controller}")
+
+
+@pytest.mark.slow  # a submitit local job, started twice, and an uninterrupted run
+def test_sigterm_in_a_job_saves_the_position_requeues_and_the_job_ends_as_an_uninterrupted_run(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(tmp_path, epochs=3, batch_size=2, builtin_size=48)  # 24 iterations an epoch
+    executor = submitit.LocalExecutor(tmp_path / "jobs", max_num_timeout=3)
+    executor.update_parameters(timeout_min=10, tasks_per_node=1)
+    job = submit(cfg, executor)
+    out = Path(cfg["output_dir"])
+    while not (out / "checkpoint-last.pth").is_file() and not job.done():  # epoch 0 is saved
+        time.sleep(0.01)
+    time.sleep(0.3)  # into epoch 1 (24 iterations, over a second)
+    os.kill(_task(job._process.pid), signal.SIGTERM)  # as SLURM does on preemption
+    result = job.result()
+    log = job.stderr() + job.stdout()
+    assert "preempted (SIGTERM) in epoch 1 before iteration" in log and "Requeued job" in log, log[-3000:]
+    assert "continuing epoch 1 after" in log
+    assert [s["epoch"] for s in result["epochs"]][-1] == 2 and result["epochs"][0]["epoch"] >= 1
+    full = run(tiny_cfg(tmp_path / "full", epochs=3, batch_size=2, builtin_size=48))
+    assert [r["train_loss"] for r in read_log(out)] == [s["loss"] for s in full["epochs"]]
+    wa = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "full" / "run" / "checkpoint-last.pth", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
