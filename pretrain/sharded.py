@@ -167,6 +167,7 @@ def load_sharded(state_dict: dict[str, Any], path: str | Path) -> None:
     Raises:
         CheckpointError: the folder lacks a key of `state_dict`, or a shape differs.
     """
+    SafeReader(path).read_metadata()  # a missing or hostile index as its own one line, before DCP's collectives
     try:
         with _quiet():
             dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafePlanner(),
