@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from pretrain.files import read_checkpoint
 from pretrain.models import create_model
 from pretrain.training.checkpoint import LAST_SHARDED, checkpoint_epoch, resolve_resume
 from pretrain.training.config import load_config
+from pretrain.training.engine import SpikeGuard, _forward_backward
 from pretrain.training.optim import build_optimizer
 from pretrain.training.sharding import checkpoint_activations, resume_sharded, save_run_state
 from pretrain.training.trainer import prepare_output_dir, read_log, run
@@ -183,7 +185,7 @@ def test_fsdp_with_compile_refused():
 def _torchrun(tmp_path: Path, cfg: dict, *flags: str) -> None:
     recipe = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
     recipe.write_text(yaml.safe_dump({k: cfg[k] for k in ("model", "model_kwargs", "decoder_depth", "input_size",
-                                                           "batch_size", "epochs", "warmup_epochs", "blr",
+                                                           "batch_size", "accum_iter", "epochs", "warmup_epochs", "blr",
                                                            "builtin_size", "num_workers", "output_dir", "device",
                                                            "seed", "save_every", "vis_every")}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -193,12 +195,13 @@ def _torchrun(tmp_path: Path, cfg: dict, *flags: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.slow  # two 2-process runs under torchrun, then two 1-process resumes
+@pytest.mark.slow  # two 2-process runs under torchrun (accumulating; FSDP2 with activation checkpointing), then
+# two 1-process resumes
 def test_fsdp_matches_ddp_and_resumes_on_one_process(tmp_path, tiny_cfg):
-    ddp = tiny_cfg(tmp_path, batch_size=2, output_dir=str(tmp_path / "ddp"), vis_every=2)
+    ddp = tiny_cfg(tmp_path, batch_size=2, accum_iter=2, output_dir=str(tmp_path / "ddp"), vis_every=2)
     fsdp = {**ddp, "output_dir": str(tmp_path / "fsdp"), "fsdp": True}
     _torchrun(tmp_path, ddp)
-    _torchrun(tmp_path, fsdp, "--fsdp")
+    _torchrun(tmp_path, fsdp, "--fsdp", "--activation_checkpointing", "--snapshot_every", "2")
     losses = {name: [r["train_loss"] for r in read_log(cfg["output_dir"])] for name, cfg in (("ddp", ddp),
                                                                                            ("fsdp", fsdp))}
     assert len(losses["fsdp"]) == 2 and losses["fsdp"][0] != losses["fsdp"][1]
@@ -210,6 +213,10 @@ def test_fsdp_matches_ddp_and_resumes_on_one_process(tmp_path, tiny_cfg):
     model, optimizer = _model_and_optimizer(ddp, seed=5)
     meta = resume_sharded(folder, model, optimizer, ddp["model"])
     assert meta["epoch"] == 1 and meta["world_size"] == 2
+    snapshots = sorted((tmp_path / "fsdp" / "snapshots").glob("*.pth"))  # gathered whole from the shards
+    assert [p.name for p in snapshots] == ["step-0000000.pth", "step-0000004.pth"]
+    snapshot = torch.load(snapshots[-1], weights_only=True)["model"]
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
     # reduce-scatter and all-reduce round differently; AdamW turns the rounding noise of a zero gradient (the key
     # bias, to which softmax is blind) into steps of up to lr = 1.6e-4: hence the absolute tolerance of the weights
     for key, value in reference["model"].items():
@@ -226,3 +233,22 @@ def test_fsdp_matches_ddp_and_resumes_on_one_process(tmp_path, tiny_cfg):
     np.testing.assert_allclose(third[0], third[1], rtol=1e-5)
     assert checkpoint_epoch(tmp_path / "fsdp" / LAST_SHARDED) == 2
     assert not (tmp_path / "fsdp" / "checkpoint-last.pth").exists()  # one process with --fsdp: folders still
+
+
+def test_accumulation_syncs_fsdp_gradients_only_on_the_step():
+    class Recording(torch.nn.Module):  # what engine sees of an FSDP2 model: set_requires_gradient_sync
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.calls = torch.nn.Parameter(torch.ones(1)), []
+
+        def set_requires_gradient_sync(self, sync: bool) -> None:
+            self.calls.append(sync)
+
+        def forward(self, imgs):
+            return SimpleNamespace(loss=(self.w * imgs).mean())
+
+    model = Recording()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for boundary in (False, False, True):
+        _forward_backward(model, torch.ones(2), scaler, torch.device("cpu"), 3, boundary, False, SpikeGuard(0.0), "x")
+    assert model.calls == [False, False, True]
