@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
         "Writes into --output_dir: config.yaml, checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth\n"
         "(every --save_every epochs and the last), log.txt, tensorboard/, recon/ (every --vis_every epochs)\n"
-        "and, with --snapshot_every, snapshots/.\n"
+        "and, with --snapshot_every, snapshots/. With --fsdp the checkpoints are folders checkpoint-*.dcp/.\n"
         "MAE against CrossMAE from one step-0 encoder, with the not-pretrained control and the probe:\n"
         "docs/pretraining.md#fair-comparison"))
     p.add_argument("--config", help="recipe YAML, e.g. configs/pretrain/crossmae_vit_base_800ep.yaml")
