@@ -1,7 +1,7 @@
 """Masked-image pretraining (MAE and CrossMAE) of ViT backbones: the project's core library.
 
 Sub-packages, each importing only those listed before it (and the shared modules `errors`, `files`,
-`distributed`):
+`distributed`, `sharded`):
 
 - `models`: the shared ViT encoder, MAE's and CrossMAE's decoders, the registry of named sizes;
 - `data`: images in (ImageNet-layout folders, image files, webdataset shards, the procedural shapes renderer),

@@ -7,8 +7,9 @@
 - `save_atomic` (torch objects), `write_text_atomic` and `write_json_atomic` are its three uses;
   `build_folder_once` is the same for a folder of generated data.
 - `check_output_file` refuses, before any work, an output file that would destroy data or cannot be written.
-- `read_checkpoint(path)` reads `.safetensors` with safetensors and anything else with
-  `torch.load(weights_only=True)`: no code from a file runs unless the user passes `--trust-pickle`.
+- `read_checkpoint(path)` reads `.safetensors` with safetensors, a sharded checkpoint folder (`NAME.dcp/`) with
+  `pretrain.sharded`, and anything else with `torch.load(weights_only=True)`: no code from a file runs unless the
+  user passes `--trust-pickle`.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import CheckpointError, ConfigError, UntrustedPickleError
+from .sharded import is_sharded, read_meta, read_sharded
 
 __all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "build_folder_once",
            "check_output_file", "read_checkpoint"]
@@ -145,8 +147,9 @@ def _same_file(a: Path, b: Path) -> bool:
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     """Load a weights file on CPU without running code from it: the project's one loader.
 
-    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`, which
-    refuses pickled objects other than tensors and plain containers. `trust_pickle=True` (the command
+    `.safetensors` files are read with safetensors; a sharded checkpoint folder (`pretrain.sharded`) as
+    `{"model": its model tensors whole, "epoch", "config", "loss_window"}`; anything else with
+    `torch.load(weights_only=True)`, which refuses pickled objects other than tensors and plain containers. `trust_pickle=True` (the command
     lines' `--trust-pickle`) lifts that for files the user trusts, such as MAE's releases that store `args`.
 
     Raises:
@@ -155,6 +158,8 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
             `--trust-pickle`. Only a well-formed pickle naming Python objects gets it, never a corrupt file.
     """
     path = Path(path)
+    if path.is_dir() and is_sharded(path):  # an --fsdp run's folder: its model tensors and metadata, no optimizer
+        return {**read_meta(path), "model": read_sharded(path)}
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; check the path")
     if path.stat().st_size == 0:

@@ -1,4 +1,5 @@
-"""Resume checkpoints of the trainer: `{"model", "optimizer", "scaler", "epoch", "config", "loss_window"}`.
+"""Resume checkpoints of the trainer: `{"model", "optimizer", "scaler", "epoch", "config", "loss_window"}`, or with
+`--fsdp` the same in a folder (`pretrain.sharded`, `training.sharding`).
 
 State dicts, an int, a plain dict and a list of floats (the divergence guard's recent losses; older checkpoints
 lack it), so `torch.load(path, weights_only=True)` reads them; they are written with `pretrain.files.save_atomic`.
@@ -15,9 +16,11 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import read_checkpoint
+from ..sharded import SUFFIX, complete_folder, is_sharded, read_meta
 
 LAST = "checkpoint-last.pth"
-_NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
+LAST_SHARDED = "checkpoint-last" + SUFFIX  # an --fsdp run's (`training.sharding`)
+_NUMBERED = re.compile(r"checkpoint-(\d+)\.(pth|dcp)")
 
 
 def make_checkpoint(model: torch.nn.Module, optimizer, scaler, epoch: int, config: dict,
@@ -47,26 +50,31 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
 
 
 def numbered_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The `checkpoint-<epoch>.pth` files of a run's folder, oldest epoch first."""
-    found = [(int(m[1]), p) for p in Path(output_dir).glob("checkpoint-*.pth") if (m := _NUMBERED.fullmatch(p.name))]
+    """The `checkpoint-<epoch>.pth` files and `.dcp` folders of a run's folder, oldest epoch first."""
+    found = [(int(m[1]), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _NUMBERED.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """'' -> None; 'auto' -> the checkpoint a run in OUTPUT_DIR left: `checkpoint-last.pth`, else its newest
-    `checkpoint-<epoch>.pth`, else None (a new run); any other value -> that path."""
+    """'' -> None; 'auto' -> the checkpoint a run in OUTPUT_DIR left: `checkpoint-last.pth` or the complete folder
+    `checkpoint-last.dcp` (of both, the later epoch's), else its newest numbered checkpoint, else None (a new run);
+    any other value -> that path."""
     if not resume:
         return None
     if resume == "auto":
-        last = Path(output_dir) / LAST
-        numbered = [p for p in numbered_checkpoints(output_dir) if p.is_file()]
-        return last if last.is_file() else numbered[-1] if numbered else None
+        out = Path(output_dir)
+        lasts = [p for p in (out / LAST, complete_folder(out / LAST_SHARDED)) if p is not None and p.exists()]
+        numbered = [p for p in numbered_checkpoints(output_dir) if p.is_file() or is_sharded(p)]
+        return max(lasts, key=lambda p: checkpoint_epoch(p) or -1) if lasts else numbered[-1] if numbered else None
     return Path(resume)
 
 
 def checkpoint_epoch(path: str | Path) -> int | None:
     """The epoch a resume checkpoint of this trainer holds, read without loading its tensors (memory-mapped, so at
-    once even for a large one, e.g. when a run stops); None for a missing or unreadable file."""
+    once even for a large one, e.g. when a run stops; a folder's `meta.json`); None for a missing or unreadable one."""
+    if Path(path).is_dir():
+        epoch = read_meta(path).get("epoch")
+        return epoch if isinstance(epoch, int) else None
     try:
         epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
     except Exception:  # noqa: BLE001 - missing, truncated or foreign: no epoch to report

@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "overwrite": False,  # replace an earlier run in output_dir instead of refusing
     "trust_pickle": False,  # command line only: let --resume / --init_from files unpickle Python objects
     "compile": False,  # torch.compile the training forward (off until measured to help: docs/results/benchmark_cpu.md)
+    "fsdp": False,  # FSDP2 instead of DDP, with sharded checkpoint folders (training/sharding.py)
+    "activation_checkpointing": False,  # recompute each block's activations in the backward pass
 }
 
 # What each key holds; "?" admits None. Values from YAML recipes are checked against it, so `epochs: "ten"`,
@@ -69,7 +71,7 @@ TYPES: dict[str, str] = {
     "shuffle_buffer": "int",
     "init_from": "str", "output_dir": "str", "resume": "str", "num_workers": "int", "seed": "int", "device": "str",
     "save_every": "int", "snapshot_every": "int", "vis_every": "int", "log_every": "int", "loss_spike_factor": "float",
-    "overwrite": "bool", "trust_pickle": "bool", "compile": "bool",
+    "overwrite": "bool", "trust_pickle": "bool", "compile": "bool", "fsdp": "bool", "activation_checkpointing": "bool",
 }
 _MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "builtin_size": 1, "num_workers": 0,
             "shuffle_buffer": 0,
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
         "Writes into --output_dir: config.yaml, checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth\n"
         "(every --save_every epochs and the last), log.txt, tensorboard/, recon/ (every --vis_every epochs)\n"
-        "and, with --snapshot_every, snapshots/.\n"
+        "and, with --snapshot_every, snapshots/. With --fsdp the checkpoints are folders checkpoint-*.dcp/.\n"
         "MAE against CrossMAE from one step-0 encoder, with the not-pretrained control and the probe:\n"
         "docs/pretraining.md#fair-comparison"))
     p.add_argument("--config", help="recipe YAML, e.g. configs/pretrain/crossmae_vit_base_800ep.yaml")
@@ -136,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    """The flags of data, output folder, resume, schedule of records, divergence guard, compile and trust."""
+    """The flags of data, output folder, resume, schedule of records, divergence guard, compile, sharding and
+    trust."""
     p.add_argument("--data_path", help="ImageNet-layout root holding train/<class>/<image>, a folder of images, "
                                        "'builtin', or webdataset shards of tools/make_shards.py: their folder (holding "
                                        "shards.json) or a brace pattern such as /data/train-{000000..000127}.tar")
@@ -170,6 +173,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                         "and the first of a resumed one (default 10; 0: off; non-finite losses always stop)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model's training forward (the first steps compile it; off by default)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
+                   help="shard parameters, gradients and optimizer state over the processes (FSDP2, per block) instead "
+                        "of DDP; checkpoints become folders checkpoint-*.dcp/ that resume at any number of processes "
+                        "(one process: nothing to shard, same folders); not with --compile")
+    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each transformer block's activations in the backward pass instead of keeping "
+                        "them: less memory, about one more forward of compute (with DDP or --fsdp)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier run in --output_dir instead of refusing (see --resume auto)")
     p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,
@@ -266,6 +276,8 @@ def validate(cfg: dict[str, Any]) -> None:
         if not cfg["use_fm"] or any(not -depth <= i < depth for i in cfg["use_fm"]):
             bad(f"--use_fm {cfg['use_fm']} names blocks outside the encoder's {depth}; use indices from "
                 f"{-depth} to {depth - 1}, or -1 alone for all")
+    if cfg["fsdp"] and cfg["compile"]:
+        bad("--fsdp with --compile is untested here (FSDP2's per-block hooks under a whole-model compile); drop one")
     if cfg["data_path"] in (None, ""):
         bad("--data_path is required: an ImageNet-layout root holding train/<class>/<image>, or 'builtin'")
 

@@ -70,8 +70,10 @@ def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.
     Raises:
         NonFiniteLossError: the loss is not finite, or a spike (`where` says at which epoch and iteration).
     """
-    # skip the DDP gradient all-reduce on accumulation steps that do not step the optimizer
+    # skip the DDP gradient all-reduce (FSDP2: the reduce-scatter) on accumulation steps that do not step
     sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(boundary)
     # a dropped group's gradients would be discarded: its losses are computed without them
     with sync, torch.no_grad() if dropped else nullcontext():
         with autocast(device):

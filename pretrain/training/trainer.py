@@ -39,6 +39,7 @@ from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, t
 from .optim import build_optimizer, fused_by_default
 from .preempt import (PREEMPT_SIGNALS, EpochPosition, Preempted, ResumableSampler, StopFlag, StopRequested,
                       position_for, preemption, save_position)
+from .sharding import gathered, is_sharded_model, prepare_model, record_sharded, resume_sharded
 
 logger = logging.getLogger("pretrain")
 N_VIS = 4  # images in each reconstruction grid
@@ -146,7 +147,7 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: Itera
     except OSError as e:
         raise ConfigError(f"--output_dir {out} cannot be written ({e.strerror}); pick a folder you can write") from None
     for tmp in out.glob(".*.tmp"):  # left by a kill during save_atomic; the file it was replacing is intact
-        tmp.unlink()
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()  # a folder: an --fsdp checkpoint's (pretrain.sharded)
     earlier = earlier_run(out)
     if not earlier or resuming:
         return
@@ -154,7 +155,8 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: Itera
         raise ConfigError(f"--output_dir {out} holds an earlier run ({earlier[0]}); pass --resume auto to continue "
                           "it, --overwrite to replace it, or give another --output_dir")
     files = [*out.glob("checkpoint-*.pth"), *(out / f for f in _RUN_FILES)]
-    folders = [out / sub for sub in ("snapshots", "recon", "tensorboard")]
+    folders = [*(out / sub for sub in ("snapshots", "recon", "tensorboard")), *out.glob("checkpoint-*.dcp"),
+               *out.glob(".checkpoint-*.dcp.previous")]
     for given in filter(None, inputs):
         path = weights_file(given).resolve()
         if path in {f.resolve() for f in files} or any(path.is_relative_to(d.resolve()) for d in folders):
@@ -234,10 +236,13 @@ def _resume(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     """Load a resume checkpoint into the model, optimizer and scaler; returns the epoch to start at, the
     divergence guard with the run's recent losses (none from a checkpoint older than them) and, for a checkpoint
     of a preempted run, this process's position inside that epoch."""
-    ckpt = load_checkpoint(resume, cfg["trust_pickle"])
-    _check_resumable(ckpt, resume, cfg)
-    load_model_weights(model, ckpt["model"], source=str(resume))
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if resume.is_dir() or is_sharded_model(model):  # a checkpoint folder, of any number of processes
+        ckpt = resume_sharded(resume, model, optimizer, cfg["model"])
+    else:
+        ckpt = load_checkpoint(resume, cfg["trust_pickle"])
+        _check_resumable(ckpt, resume, cfg)
+        load_model_weights(model, ckpt["model"], source=str(resume))
+        optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt.get("scaler", {}))
     window = ckpt.get("loss_window")
     window = [x for x in window if isinstance(x, float)] if isinstance(window, list) else []
@@ -265,12 +270,13 @@ def _start_records(cfg: dict[str, Any], resolved: dict[str, Any], out: Path, sta
 
 def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str, Any], out: Path, model, optimizer,
                   scaler, spike: SpikeGuard, steps_per_epoch: int, writer: SummaryWriter,
-                  vis: tuple[torch.Tensor, torch.Tensor]) -> None:
+                  vis: tuple[torch.Tensor, torch.Tensor], checkpoints: bool = True) -> None:
     """The main process's record of a finished epoch: numbered checkpoint, snapshot, reconstruction grid, log line,
-    TensorBoard scalars, and last `checkpoint-last.pth`, which marks the epoch done."""
+    TensorBoard scalars, and last `checkpoint-last.pth`, which marks the epoch done (no checkpoints with `--fsdp`,
+    whose folders `sharding.record_sharded` writes around this record)."""
     epoch = stats["epoch"]
-    ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved, spike.recent)
-    if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
+    ckpt = make_checkpoint(model, optimizer, scaler, epoch, resolved, spike.recent) if checkpoints else None
+    if checkpoints and ((epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]):
         save_checkpoint(ckpt, out / f"checkpoint-{epoch}.pth")
     if cfg["snapshot_every"] and ((epoch + 1) % cfg["snapshot_every"] == 0 or epoch + 1 == cfg["epochs"]):
         save_snapshot(model, out, (epoch + 1) * steps_per_epoch, epoch, resolved)
@@ -283,7 +289,8 @@ def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str
     writer.add_scalar("epoch/loss", stats["loss"], (epoch + 1) * 1000)
     writer.add_scalar("epoch/images_per_s", stats["images_per_s"], (epoch + 1) * 1000)
     writer.flush()
-    save_checkpoint(ckpt, out / LAST)
+    if checkpoints:
+        save_checkpoint(ckpt, out / LAST)
 
 
 def kept_checkpoint(out: Path) -> str:
@@ -331,6 +338,7 @@ def _build(cfg: dict[str, Any], device: torch.device, world: int) -> tuple[torch
         for line in load_encoder_into(model, cfg["init_from"], cfg["trust_pickle"]).lines():
             logger.info("init_from %s", line.strip())
     model.to(device)
+    prepare_model(model, cfg, device, world)  # activation checkpointing, FSDP2: before the optimizer
     peak_lr = resolve_lr(cfg, world)
     resolved = {**cfg, "lr_resolved": peak_lr, "world_size": world,
                 "effective_batch_size": cfg["batch_size"] * cfg["accum_iter"] * world}
@@ -343,7 +351,7 @@ def say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch:
                log: logging.Logger = logger) -> None:
     """One line: where the run resumes from, or that `--resume auto` found nothing and starts a new run."""
     if resume is not None:
-        numbered = cfg["resume"] == "auto" and resume.name != LAST
+        numbered = cfg["resume"] == "auto" and resume in numbered_checkpoints(out)
         log.info("resuming from %s (epoch %d done) at epoch %d%s", resume, start_epoch - 1, start_epoch,
                  f" (there is no {LAST}: the newest numbered checkpoint)" if numbered else "")
     elif cfg["resume"] == "auto":
@@ -369,15 +377,16 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
         logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
                        "train further", resume, start_epoch - 1, cfg["epochs"])
         return {"epochs": [], "output_dir": str(out), "complete": True}
-    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    ddp_model = DistributedDataParallel(model) if world > 1 and not cfg["fsdp"] else model
     if cfg["compile"]:  # the training forward only; checkpoints, snapshots and figures use `model` itself
         ddp_model = torch.compile(ddp_model)
     writer, vis = None, None
+    first = gathered(model, cfg, device, bool(cfg["snapshot_every"]) and start_epoch == 0)  # whole, for a snapshot
     if main:
         say_resume(cfg, out, resume, start_epoch)
         trim_log(out, start_epoch)
         start = start_epoch + (position.iteration / len(loader) if position is not None else 0)
-        writer, vis = _start_records(cfg, resolved, out, start, model, dataset, device)
+        writer, vis = _start_records(cfg, resolved, out, start, first, dataset, device)
         logger.info("%s on %s, %d process(es): %d images, %d iterations/epoch, lr %.3g (blr %.3g), effective batch %d",
                     cfg["model"], device, world, len(dataset), len(loader), peak_lr,
                     cfg["blr"], resolved["effective_batch_size"])
@@ -394,12 +403,20 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
             t0 = time.time()
             stats = _train_epoch(model, ddp_model, loader, optimizer, scaler, device, epoch, cfg, peak_lr, writer,
                                  spike, out, resumed, stop)
-            if main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
+            if cfg["fsdp"]:  # every process writes its shards of the checkpoints, around the main one's record
+                record_sharded(epoch, cfg, resolved, out, model, optimizer, spike.recent, device,
+                               lambda whole: _record_epoch(stats, cfg, resolved, out, whole, optimizer, scaler, spike,
+                                                           steps_per_epoch, writer, vis, checkpoints=False))
+            elif main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
                 _record_epoch(stats, cfg, resolved, out, model, optimizer, scaler, spike, steps_per_epoch, writer, vis)
+            if main:
                 logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", epoch, stats["loss"], stats["lr"],
                             stats["images_per_s"], time.time() - t0,
                             f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")
         except StopRequested as e:  # a preemption signal, agreed by every process at an optimizer step
+            if cfg["fsdp"]:  # sharded checkpoints hold no position inside an epoch: the epoch is redone
+                raise Preempted(f"preempted ({stop.name()}) in epoch {epoch}: {kept_checkpoint(out)} (--fsdp saves "
+                                "no position inside an epoch); continue with --resume auto") from None
             state = make_checkpoint(model, optimizer, scaler, epoch - 1, resolved, spike.recent)
             raise save_position(e, resumed, stop, cfg["batch_size"], state, out, save_checkpoint, rank,
                                 world) from None

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from torch.hub import download_url_to_file
 
 from ..errors import CheckpointError
+from ..sharded import is_sharded
 
 __all__ = ["Release", "RELEASES", "weights_dir", "is_release_name", "release_of", "resolve_weights",
            "weights_file", "fetch"]
@@ -171,7 +172,7 @@ def resolve_weights(value: str | Path, releases: dict[str, Release] | None = Non
     if release is not None:
         return fetch(release, progress=progress)
     text = str(value)
-    if Path(value).is_dir():
+    if Path(value).is_dir() and not is_sharded(value):  # a checkpoint folder: `read_checkpoint` reads it whole
         found = weights_file(value, releases)
         if found.is_dir():
             raise CheckpointError(f"{text} is a folder without {' or '.join(_SAVED_FOLDER)} (what save_pretrained "
