@@ -26,8 +26,9 @@ from ..files import read_checkpoint, write_text_atomic
 from ..training.checkpoint import LAST, load_checkpoint, resolve_resume
 from ..training.engine import NonFiniteLossError
 from ..training.layer_decay import param_groups_lrd
-from ..training.trainer import (TrainingDiverged, kept_checkpoint, prepare_output_dir, run_session, save_checkpoint,
-                                say_resume, seed_epoch, stopped_error, trim_log)
+from ..training.run_folder import (kept_checkpoint, prepare_output_dir, save_checkpoint, say_resume, stopped_error,
+                                   trim_log)
+from ..training.trainer import TrainingDiverged, run_session, seed_epoch
 from ..weights.fit import load_model_weights
 from ..weights.formats import checkpoint_tensors
 from ..weights.releases import resolve_weights

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,17 @@ from ..analysis.figures import reconstruction_panels, save_reconstruction_grid
 from ..data.images import BuiltinImages, RobustImages, build_dataset, eval_transform
 from ..data.shards import ShardedImages, ShardLoader, is_sharded, open_shards
 from ..distributed import cleanup, init_distributed, launch_rank, resolve_device
-from ..errors import CheckpointError, ConfigError, DataError, UserError, interrupt_name, interrupt_status
-from ..files import save_atomic, write_text_atomic
+from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..models import create_model
 from ..runlock import run_lock
 from ..weights.fit import load_model_weights
 from ..weights.loading import load_encoder_into
-from ..weights.releases import weights_file
-from .checkpoint import LAST, checkpoint_epoch, load_checkpoint, make_checkpoint, numbered_checkpoints, resolve_resume
+from .checkpoint import LAST, load_checkpoint, make_checkpoint, resolve_resume
 from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .optim import build_optimizer, fused_by_default
+from .run_folder import (kept_checkpoint, prepare_output_dir, save_checkpoint, say_resume, stopped_error,
+                         trim_log)
 from .preempt import (PREEMPT_SIGNALS, EpochPosition, Preempted, ResumableSampler, StopFlag, StopRequested,
                       position_for, preemption, save_position)
 from .sharding import gathered, is_sharded_model, prepare_model, record_sharded, resume_sharded
@@ -47,13 +45,6 @@ N_VIS = 4  # images in each reconstruction grid
 
 class TrainingDiverged(UserError):
     """The loss became non-finite or spiked; the message names the checkpoint that was kept."""
-
-
-class Interrupted(UserError):
-    """Ctrl-C or SIGTERM during a run; the message names the checkpoint that was kept. Exit status 130 for Ctrl-C,
-    143 for SIGTERM (`errors.interrupt_status`)."""
-
-    exit_code = 130
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -118,56 +109,6 @@ def run_session(cfg: dict[str, Any], device: torch.device, out: Path) -> Iterato
             cleanup()
 
 
-_RUN_FILES = (LAST, "checkpoint-best.pth", "config.yaml", "log.txt")  # checkpoint-best.pth: fine-tuning's
-
-
-def earlier_run(out: Path) -> list[str]:
-    """What in `out` shows an earlier run: its log, configuration, and any checkpoint or snapshot."""
-    found = [f for f in _RUN_FILES if (out / f).exists()]
-    found += [p.name for p in numbered_checkpoints(out)]
-    return found + [f"snapshots/{p.name}" for p in sorted((out / "snapshots").glob("step-*.pth"))]
-
-
-def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: Iterable[str | None] = ()) -> None:
-    """Make `out` (made and locked by `run_lock`) ready for a run: writable, holding no earlier run unless
-    resuming or overwriting.
-
-    Also removes temporary files that a kill during an atomic save leaves behind. With `overwrite`, an earlier
-    run's checkpoints, logs, snapshots, figures and TensorBoard events are deleted first, unless one of them is a
-    file the run reads (`inputs`: `--init_from`, `--finetune`, ...).
-
-    Raises:
-        ConfigError: `out` cannot be written, holds an earlier run (without resume / overwrite), or `overwrite` would
-            delete one of `inputs`.
-    """
-    try:
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--output_dir {out} cannot be written ({e.strerror}); pick a folder you can write") from None
-    for tmp in out.glob(".*.tmp"):  # left by a kill during save_atomic; the file it was replacing is intact
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()  # a folder: an --fsdp checkpoint's (pretrain.sharded)
-    earlier = earlier_run(out)
-    if not earlier or resuming:
-        return
-    if not overwrite:
-        raise ConfigError(f"--output_dir {out} holds an earlier run ({earlier[0]}); pass --resume auto to continue "
-                          "it, --overwrite to replace it, or give another --output_dir")
-    files = [*out.glob("checkpoint-*.pth"), *(out / f for f in _RUN_FILES)]
-    folders = [*(out / sub for sub in ("snapshots", "recon", "tensorboard")), *out.glob("checkpoint-*.dcp"),
-               *out.glob(".checkpoint-*.dcp.previous")]
-    for given in filter(None, inputs):
-        path = weights_file(given).resolve()
-        if path in {f.resolve() for f in files} or any(path.is_relative_to(d.resolve()) for d in folders):
-            raise ConfigError(f"--overwrite would delete {given}, which this run reads; copy it out of {out} first, "
-                              "or give another --output_dir")
-    for path in files:
-        path.unlink(missing_ok=True)
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _check_resumable(ckpt: dict, path: Path, cfg: dict[str, Any]) -> None:
     missing = [k for k in ("model", "optimizer", "epoch") if k not in ckpt]
     if missing:
@@ -178,29 +119,8 @@ def _check_resumable(ckpt: dict, path: Path, cfg: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} was trained as {model}, not --model {cfg['model']}")
 
 
-def trim_log(out: Path, start_epoch: int) -> None:
-    """Keep only `log.txt` lines of epochs before `start_epoch`: an epoch redone after a kill is logged once."""
-    if (out / "log.txt").is_file():
-        kept = [r for r in read_log(out) if r["epoch"] < start_epoch]
-        write_text_atomic(out / "log.txt", "".join(json.dumps(r) + "\n" for r in kept))
-
-
 def _finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def save_checkpoint(obj: Any, path: Path) -> None:
-    """`save_atomic`, with a full disk or a read-only folder as one line that says the previous file is intact."""
-    try:
-        save_atomic(obj, path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror}); free space or fix permissions, then continue with "
-                              "--resume auto (the previous checkpoint is intact)") from None
-
-
-def read_log(out: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run's `log.txt` (one JSON object a line: `epoch`, `train_loss`, ...), in order."""
-    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
 
 
 def _loader(cfg: dict[str, Any], dataset, device: torch.device, rank: int, world: int) -> tuple[DataLoader, int]:
@@ -293,24 +213,6 @@ def _record_epoch(stats: dict[str, Any], cfg: dict[str, Any], resolved: dict[str
         save_checkpoint(ckpt, out / LAST)
 
 
-def kept_checkpoint(out: Path) -> str:
-    """What a stopped run left to resume from, read from the folder at the time it stopped (a stop may land just
-    before or just after a checkpoint's write)."""
-    path = resolve_resume("auto", out)
-    epoch = None if path is None else checkpoint_epoch(path)
-    return "no checkpoint was written yet" if epoch is None else f"the kept checkpoint {path} is from epoch {epoch}"
-
-
-def stopped_error(e: KeyboardInterrupt, where: str, out: Path, cfg: dict[str, Any]) -> Interrupted:
-    """The one-line error of a run stopped by Ctrl-C or SIGTERM: what was kept, and how to go on."""
-    kept = kept_checkpoint(out)
-    given = cfg["resume"] not in ("", "auto") and kept.startswith("no checkpoint")
-    error = Interrupted(f"{interrupt_name(e)} {where}: {kept}; continue with --resume "
-                        f"{cfg['resume'] if given else 'auto'}")
-    error.exit_code = interrupt_status(e)
-    return error
-
-
 def _train_epoch(model, ddp_model, loader, optimizer, scaler, device: torch.device, epoch: int, cfg: dict[str, Any],
                  peak_lr: float, writer: SummaryWriter | None, spike: SpikeGuard, out: Path,
                  position: EpochPosition | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
@@ -345,17 +247,6 @@ def _build(cfg: dict[str, Any], device: torch.device, world: int) -> tuple[torch
     optimizer = build_optimizer(model, peak_lr, cfg["weight_decay"], fused=fused_by_default(device))
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the format
     return model, optimizer, scaler, peak_lr, resolved
-
-
-def say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch: int,
-               log: logging.Logger = logger) -> None:
-    """One line: where the run resumes from, or that `--resume auto` found nothing and starts a new run."""
-    if resume is not None:
-        numbered = cfg["resume"] == "auto" and resume in numbered_checkpoints(out)
-        log.info("resuming from %s (epoch %d done) at epoch %d%s", resume, start_epoch - 1, start_epoch,
-                 f" (there is no {LAST}: the newest numbered checkpoint)" if numbered else "")
-    elif cfg["resume"] == "auto":
-        log.info("--resume auto: no checkpoint in %s, starting a new run", out)
 
 
 def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path,

@@ -15,7 +15,8 @@ import torch
 
 from pretrain.cluster import Trainer, slurm_executor, submit
 from pretrain.errors import ConfigError
-from pretrain.training.trainer import read_log, run
+from pretrain.training.run_folder import read_log
+from pretrain.training.trainer import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pretrain.training.trainer import read_log
+from pretrain.training.run_folder import read_log
 
 ROOT = Path(__file__).resolve().parents[2]
 

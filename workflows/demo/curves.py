@@ -16,7 +16,7 @@ from pretrain.evaluation.features import extract_features
 from pretrain.evaluation.health import encoder_health
 from pretrain.evaluation.probe import HEALTH_SAMPLES, score_features
 from pretrain.files import write_json_atomic
-from pretrain.training.trainer import read_log
+from pretrain.training.run_folder import read_log
 from pretrain.weights.loading import load_encoder, load_pretrain_model
 
 from .data import images_of, probe_sets

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from detection.report import mean_std, plot_ap, plot_curves, plot_predictions, read_metrics  # noqa: E402
 from pretrain.analysis.figures import save_figure  # noqa: E402
-from pretrain.training.trainer import read_log  # noqa: E402
+from pretrain.training.run_folder import read_log  # noqa: E402
 
 from .labels import DETECTION_EVIDENCE, METHODS, NAMES, detector_label  # noqa: E402
 from .stats import PROBES  # noqa: E402

@@ -16,7 +16,8 @@ from pretrain.evaluation.flops import count_flops
 from pretrain.files import save_atomic, write_json_atomic
 from pretrain.models import create_model
 from pretrain.training.config import DEFAULTS, load_recipe, validate
-from pretrain.training.trainer import read_log, seed_epoch
+from pretrain.training.run_folder import read_log
+from pretrain.training.trainer import seed_epoch
 from pretrain.training.trainer import run as run_pretraining
 
 from .data import folder_images

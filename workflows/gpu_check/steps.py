@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pretrain.training.trainer import read_log
+from pretrain.training.run_folder import read_log
 
 from .check import ROOT, Check, CheckConfig, StepFailed, StepSkipped, StepTimedOut
 

@@ -10,7 +10,8 @@ from PIL import Image
 from pretrain import cli as pretrain_cli
 from pretrain.data.images import build_dataset, mask_noise, open_rgb, render_builtin_image
 from pretrain.errors import DataError
-from pretrain.training.trainer import read_log, run
+from pretrain.training.run_folder import read_log
+from pretrain.training.trainer import run
 
 L = 16  # (32 / 8) ** 2 patches
 

@@ -25,7 +25,8 @@ from pretrain.errors import ConfigError, DataError, one_line
 from pretrain.training.config import load_config
 from pretrain.training import trainer
 from pretrain.training.preempt import Preempted
-from pretrain.training.trainer import read_log, run
+from pretrain.training.run_folder import read_log
+from pretrain.training.trainer import run
 
 ROOT = Path(__file__).resolve().parents[3]
 

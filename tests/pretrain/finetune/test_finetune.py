@@ -19,7 +19,7 @@ from pretrain.finetune import trainer
 from pretrain.finetune.trainer import run
 from pretrain.runlock import FolderInUse, run_lock
 from pretrain.training.layer_decay import param_groups_lrd
-from pretrain.training.trainer import Interrupted, read_log
+from pretrain.training.run_folder import Interrupted, read_log
 
 GOLDEN = Path(__file__).parents[2] / "data" / "mae_lrd_vit_base.json"
 SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}  # the pretraining fixtures' TINY encoder

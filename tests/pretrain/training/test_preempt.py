@@ -16,7 +16,8 @@ import yaml
 from pretrain import cli as pretrain_cli
 from pretrain.training import trainer
 from pretrain.training.preempt import Preempted, ResumableSampler, preemption
-from pretrain.training.trainer import read_log, run
+from pretrain.training.run_folder import read_log
+from pretrain.training.trainer import run
 
 
 def _recipe(tmp_path: Path, cfg: dict) -> str:

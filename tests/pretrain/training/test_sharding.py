@@ -25,7 +25,8 @@ from pretrain.training.config import load_config
 from pretrain.training.engine import SpikeGuard, _forward_backward
 from pretrain.training.optim import build_optimizer
 from pretrain.training.sharding import checkpoint_activations, resume_sharded, save_run_state
-from pretrain.training.trainer import prepare_output_dir, read_log, run
+from pretrain.training.run_folder import prepare_output_dir, read_log
+from pretrain.training.trainer import run
 from pretrain.weights.loading import export_encoder
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -17,8 +17,9 @@ from pretrain import files as files_mod
 from pretrain.errors import CheckpointError, ConfigError
 from pretrain.models import create_model
 from pretrain.runlock import run_lock
-from pretrain.training import trainer
-from pretrain.training.trainer import TrainingDiverged, read_log, run, seed_epoch
+from pretrain.training import run_folder, trainer
+from pretrain.training.run_folder import Interrupted, read_log
+from pretrain.training.trainer import TrainingDiverged, run, seed_epoch
 from pretrain.weights.fit import encoder_state_dict
 
 
@@ -138,8 +139,8 @@ def test_a_kill_before_the_epoch_is_marked_done_loses_nothing(tmp_path, monkeypa
             raise KeyboardInterrupt  # as a kill right after the numbered checkpoint, snapshot and log line
         real(obj, path)
 
-    monkeypatch.setattr(trainer, "save_atomic", killed_at_epoch_1_last)
-    with pytest.raises(trainer.Interrupted, match="in epoch 1: the kept checkpoint .* is from epoch 0"):
+    monkeypatch.setattr(run_folder, "save_atomic", killed_at_epoch_1_last)
+    with pytest.raises(Interrupted, match="in epoch 1: the kept checkpoint .* is from epoch 0"):
         run(part)
     monkeypatch.undo()
     run({**part, "resume": "auto"})
@@ -287,14 +288,14 @@ def test_checkpoints_keep_the_guards_losses_and_older_ones_without_them_still_re
 # ------------------------------------------------------------------------------------------ Ctrl-C and SIGTERM
 
 def test_ctrl_c_during_a_checkpoint_write_says_what_was_kept(tmp_path, monkeypatch, tiny_cfg, one_error_line):
-    real = trainer.save_atomic
+    real = run_folder.save_atomic
 
     def interrupted(obj, path):
         if Path(path).name == "checkpoint-last.pth" and obj["epoch"] == 1:
             raise KeyboardInterrupt
         real(obj, path)
 
-    monkeypatch.setattr(trainer, "save_atomic", interrupted)
+    monkeypatch.setattr(run_folder, "save_atomic", interrupted)
     out = tmp_path / "run"
     assert pretrain_cli.pretrain(["--config", _recipe(tmp_path, tiny_cfg), "--output_dir", str(out)]) == 130
     one_error_line("interrupted in epoch 1", f"kept checkpoint {out / 'checkpoint-last.pth'} is from epoch 0",
