@@ -33,6 +33,7 @@ from .datasets import check_dataset, count_annotations, register_builtin_shapes,
 from .evaluation import write_ap_json
 from .lazyconfig import check_overrides
 from .mappers import BitmaskDatasetMapper
+from .preemption import PreemptionHook, train_preemptible
 
 logger = logging.getLogger("detectron2")
 
@@ -187,7 +188,11 @@ def do_test(cfg: DictConfig, model: torch.nn.Module, iteration: int | None) -> d
 
 
 def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
-    """Train with periodic checkpoints and evaluation, as detectron2's lazyconfig_train_net.py."""
+    """Train with periodic checkpoints and evaluation, as detectron2's lazyconfig_train_net.py.
+
+    Raises:
+        Preempted: a stop signal (`detection.preemption`) ended the run after saving a checkpoint.
+    """
     model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
     device = torch.device(cfg.train.device)
@@ -211,6 +216,9 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        # after LRScheduler (its checkpoint holds the stepped schedule), before evaluating and writing: a stopped
+        # iteration is logged once, by PeriodicWriter's after_train
+        PreemptionHook(checkpointer),
         # EvalHook puts the results into the EventStorage (so metrics.json) and evaluates after the last iteration.
         # Iterations done: trainer.iter + 1 after a step, but trainer.iter == max_iter once training ends.
         hooks.EvalHook(cfg.train.eval_period,
@@ -222,7 +230,7 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # a checkpoint stores the iteration that just finished
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    train_preemptible(trainer, start_iter, cfg.train.max_iter)
 
 
 def load_config(args: argparse.Namespace) -> tuple[DictConfig, list[str]]:
