@@ -54,6 +54,8 @@ def train_net_parser() -> argparse.ArgumentParser:
                         help="go on when train.init_checkpoint leaves backbone weights unset (detectron2's default)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in train.output_dir instead of refusing (see --resume)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the backbone's forward (the first iterations compile it; off by default)")
     return parser
 
 

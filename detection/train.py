@@ -187,6 +187,12 @@ def do_test(cfg: DictConfig, model: torch.nn.Module, iteration: int | None) -> d
     return results
 
 
+def compile_backbone(model: torch.nn.Module) -> None:
+    """Run the detector's backbone through `torch.compile`, in place (`nn.Module.compile`), so that state-dict keys,
+    checkpoints and the DDP wrapper stay those of the eager model."""
+    model.backbone.compile()
+
+
 def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
     """Train with periodic checkpoints and evaluation, as detectron2's lazyconfig_train_net.py.
 
@@ -197,6 +203,8 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
     logger.info(f"Model:\n{model}")
     device = torch.device(cfg.train.device)
     model.to(device)
+    if args.compile:
+        compile_backbone(model)
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
@@ -297,6 +305,8 @@ def _run(cfg: DictConfig, args: argparse.Namespace, notes: list[str]) -> dict | 
         return None
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
+    if args.compile:
+        compile_backbone(model)
     model = create_ddp_model(model)
     extra = SafeCheckpointer(model, trust_pickle=args.trust_pickle, allow_partial=args.allow_partial_init,
                              strict=True).load(cfg.train.init_checkpoint)
