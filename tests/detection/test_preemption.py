@@ -3,6 +3,8 @@ checkpoint that `--resume` reads, says so in one line, and `--resume` finishes t
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from detection import cli as detection_cli
 from detection.cli import train_net
 from detectron2.engine import SimpleTrainer
 
-SMOKE = str(Path(__file__).resolve().parents[2] / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py")
 
 
 def _unhandled(*_):
@@ -82,3 +85,54 @@ def test_workers_stopped_by_a_preemption_give_its_exit_status(monkeypatch, tmp_p
     monkeypatch.setattr(detection_cli, "launch", launched)
     args = ["--config-file", SMOKE, "--num-gpus", "2", f"train.output_dir={tmp_path}"]
     assert train_net(args) == 128 + signal.SIGUSR1
+
+
+_RANKS = """
+import json, os, signal, sys
+from types import SimpleNamespace
+import torch.distributed as dist
+import detection  # noqa: F401
+from detection.preemption import PreemptionHook
+
+class Saves:
+    save_dir = sys.argv[1]
+    def __init__(self):
+        self.saved = []
+    def save(self, name, **extra):
+        self.saved.append([name, extra["iteration"]])
+
+dist.init_process_group("gloo")
+rank, saves = dist.get_rank(), Saves()
+hook = PreemptionHook(saves)
+hook.trainer = SimpleNamespace(iter=0)
+hook.before_train()
+stopped = None
+try:
+    for it in range(20):
+        hook.trainer.iter = it
+        if rank == 1 and it == 3:  # only rank 1 is signalled, inside its iteration 3
+            os.kill(os.getpid(), signal.SIGUSR1)
+        hook.after_step()
+except BaseException as e:
+    stopped = [hook.trainer.iter, str(e)]
+finally:
+    hook.after_train()
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump({"stopped": stopped, "saved": saves.saved}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # two processes under torchrun
+def test_ranks_agree_on_the_iteration_after_one_rank_is_signalled(tmp_path):
+    """A signal that reaches one rank stops every rank after the same iteration (gloo, 2 processes)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["stopped"][0] == 3 and r["stopped"][1].startswith("preempted (SIGUSR1) after iteration 3: saved ")
+        assert r["saved"] == [["model_0000003", 3]]  # each rank calls save; detectron2's writes on rank 0 only
