@@ -82,7 +82,8 @@ def _requeue() -> str:
         return f"; scontrol not found, so SLURM job {job} was not requeued"
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
-        return f"; scontrol requeue {job} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+        said = (done.stderr or done.stdout).strip().splitlines()
+        return f"; scontrol requeue {job} failed ({said[-1] if said else f'exit status {done.returncode}'})"
     return f"; SLURM job {job} requeued"
 
 

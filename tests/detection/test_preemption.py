@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 import detection  # noqa: F401  (compat layer before detectron2)
 from detection import cli as detection_cli
+from detection import preemption
 from detection.cli import train_net
 from detectron2.engine import SimpleTrainer
 
@@ -70,9 +71,9 @@ def test_a_preemption_signal_saves_that_iteration_and_resume_finishes_the_run(si
 
 def test_sigterm_outside_slurm_is_no_preemption(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert detection.preemption.stop_signals() == (signal.SIGUSR1,)
+    assert preemption.stop_signals() == (signal.SIGUSR1,)
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    assert detection.preemption.stop_signals() == (signal.SIGUSR1, signal.SIGTERM)
+    assert preemption.stop_signals() == (signal.SIGUSR1, signal.SIGTERM)
 
 
 def test_workers_stopped_by_a_preemption_give_its_exit_status(monkeypatch, tmp_path):
@@ -136,3 +137,20 @@ def test_ranks_agree_on_the_iteration_after_one_rank_is_signalled(tmp_path):
     for r in ranks:
         assert r["stopped"][0] == 3 and r["stopped"][1].startswith("preempted (SIGUSR1) after iteration 3: saved ")
         assert r["saved"] == [["model_0000003", 3]]  # each rank calls save; detectron2's writes on rank 0 only
+
+
+@pytest.mark.parametrize("status, said", [(0, "; SLURM job 123 requeued"),
+                                          (1, "; scontrol requeue 123 failed (Invalid job id specified)")])
+def test_a_slurm_job_is_requeued_through_scontrol_and_a_failure_is_said(status, said, tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ {status} = 0 ] || echo "Invalid job id specified" >&2\n'
+                        f"exit {status}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert preemption._requeue() == said
+    assert calls.read_text() == "requeue 123\n"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert preemption._requeue() == "; scontrol not found, so SLURM job 123 was not requeued"
