@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
 
 from pretrain.errors import ConfigError, UserError, command, one_line
 from pretrain.files import check_output_file, write_text_atomic
@@ -15,6 +18,7 @@ from pretrain.weights.formats import summarize
 
 from .convert import convert_checkpoint
 from .lazyconfig import target_from_config
+from .preemption import Preempted, forward_stop_signals, stop_signals
 from .report import TASKS, ap_table, load_ap, plot_ap, scored
 from .train import main
 
@@ -50,6 +54,8 @@ def train_net_parser() -> argparse.ArgumentParser:
                         help="go on when train.init_checkpoint leaves backbone weights unset (detectron2's default)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in train.output_dir instead of refusing (see --resume)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the backbone's forward (the first iterations compile it; off by default)")
     return parser
 
 
@@ -61,17 +67,37 @@ def train_net(argv: Sequence[str] | None = None) -> int:
         parser.error("--config-file is required, e.g. configs/demo/mask_rcnn_vit_tiny_builtin.py")
     if not Path(args.config_file).is_file():
         parser.error(f"--config-file {args.config_file} not found; see configs/COCO/ and configs/demo/")
+    spawns = args.num_gpus * args.num_machines > 1  # launch runs one worker process per GPU
     try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+        with forward_stop_signals() if spawns else nullcontext():
+            launch(_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args, parser.prog))
     except (UserError, SizeMismatchError) as e:
         print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
+    except ProcessExitedException as e:
+        if e.exit_code not in {128 + sig for sig in stop_signals()}:
+            raise
+        return e.exit_code  # a preemption, which rank 0 reported
     except OSError as e:  # unreadable or unwritable paths, a full disk
         print(f"{parser.prog}: error: {e.strerror or e}: {e.filename or ''}; check the path and free space".rstrip(),
               file=sys.stderr)
         return 2
     return 0
+
+
+def _worker(args: argparse.Namespace, prog: str) -> None:
+    """`main` in one process of `launch`. A worker process stopped by a preemption reports it on rank 0 and exits
+    with its status (torch's process wrapper would turn the exception into a traceback)."""
+    try:
+        main(args)
+    except Preempted as e:
+        if comm.get_world_size() == 1:
+            raise
+        if comm.is_main_process():
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        comm.synchronize()  # rank 0 has printed before any worker exits and launch stops the rest
+        sys.exit(e.exit_code)
 
 
 @command

@@ -33,6 +33,7 @@ from .datasets import check_dataset, count_annotations, register_builtin_shapes,
 from .evaluation import write_ap_json
 from .lazyconfig import check_overrides
 from .mappers import BitmaskDatasetMapper
+from .preemption import PreemptionHook, train_preemptible
 
 logger = logging.getLogger("detectron2")
 
@@ -186,12 +187,24 @@ def do_test(cfg: DictConfig, model: torch.nn.Module, iteration: int | None) -> d
     return results
 
 
+def compile_backbone(model: torch.nn.Module) -> None:
+    """Run the detector's backbone through `torch.compile`, in place (`nn.Module.compile`), so that state-dict keys,
+    checkpoints and the DDP wrapper stay those of the eager model."""
+    model.backbone.compile()
+
+
 def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
-    """Train with periodic checkpoints and evaluation, as detectron2's lazyconfig_train_net.py."""
+    """Train with periodic checkpoints and evaluation, as detectron2's lazyconfig_train_net.py.
+
+    Raises:
+        Preempted: a stop signal (`detection.preemption`) ended the run after saving a checkpoint.
+    """
     model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
     device = torch.device(cfg.train.device)
     model.to(device)
+    if args.compile:
+        compile_backbone(model)
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
@@ -211,6 +224,9 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        # after LRScheduler (its checkpoint holds the stepped schedule), before evaluating and writing: a stopped
+        # iteration is logged once, by PeriodicWriter's after_train
+        PreemptionHook(checkpointer),
         # EvalHook puts the results into the EventStorage (so metrics.json) and evaluates after the last iteration.
         # Iterations done: trainer.iter + 1 after a step, but trainer.iter == max_iter once training ends.
         hooks.EvalHook(cfg.train.eval_period,
@@ -222,7 +238,7 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> None:
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # a checkpoint stores the iteration that just finished
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    train_preemptible(trainer, start_iter, cfg.train.max_iter)
 
 
 def load_config(args: argparse.Namespace) -> tuple[DictConfig, list[str]]:
@@ -289,6 +305,8 @@ def _run(cfg: DictConfig, args: argparse.Namespace, notes: list[str]) -> dict | 
         return None
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
+    if args.compile:
+        compile_backbone(model)
     model = create_ddp_model(model)
     extra = SafeCheckpointer(model, trust_pickle=args.trust_pickle, allow_partial=args.allow_partial_init,
                              strict=True).load(cfg.train.init_checkpoint)

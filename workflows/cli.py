@@ -133,6 +133,9 @@ def _probe_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-workers", type=int, default=0)
     f.add_argument("--device", default="auto")
     f.add_argument("--cache-dir", help="keep features here per checkpoint, data, block and pool (default: none)")
+    f.add_argument("--compile", action="store_true",
+                   help="crop view: torch.compile the encoder's feature forward (the first batches compile it; off "
+                        "by default)")
     q = p.add_argument_group("probes")
     q.add_argument("--k", type=int, default=20, help="k-NN neighbours")
     q.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")
@@ -176,7 +179,7 @@ def probe(argv: Sequence[str] | None = None) -> None:
                        k=a.k, temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size, blr=a.blr,
                        weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, optimizer=a.optimizer,
                        seed=a.seed, extract_batch_size=a.extract_batch_size, num_workers=a.num_workers,
-                       device=a.device, cache_dir=a.cache_dir, trust_pickle=a.trust_pickle)
+                       device=a.device, cache_dir=a.cache_dir, trust_pickle=a.trust_pickle, compile=a.compile)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the first process reports
         return
     print(info["report"], file=sys.stderr)
@@ -191,6 +194,8 @@ def _detector_probe(a: argparse.Namespace) -> None:
     if not a.config_file:
         raise ConfigError("--view detector needs --config-file, the detectron2 config whose backbone reads the "
                           "images (e.g. configs/demo/mask_rcnn_vit_tiny_builtin.py)")
+    if a.compile:
+        raise ConfigError("--compile compiles the crop view's encoder; drop it with --view detector")
     if a.data_path:
         raise ConfigError("--view detector reads the boxes of COCO-format sets; --data-path (an ImageFolder) has none")
     train, val = object_sets(a.config_file, a.train, a.val, a.dataset)

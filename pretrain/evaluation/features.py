@@ -69,12 +69,14 @@ def _rank_world() -> tuple[int, int]:
 @torch.no_grad()
 def extract_features(encoder: MaskedViTEncoder, dataset: Dataset, block: int = -1, pool: str = "spatial",
                      batch_size: int = 128, num_workers: int = 0, device: torch.device | None = None,
-                     desc: str = "features") -> torch.Tensor:
+                     desc: str = "features", compile: bool = False) -> torch.Tensor:
     """Features of a whole dataset in its order, batch by batch into one preallocated (N, D) tensor.
 
     Memory is bounded by the output itself plus one batch. Under torchrun each process extracts every
-    world-th sample and the shards are gathered, so every process returns the full tensor.
+    world-th sample and the shards are gathered, so every process returns the full tensor. `compile`
+    runs `encoder_features` through `torch.compile` (the first batches compile it).
     """
+    features = torch.compile(encoder_features) if compile else encoder_features
     device = device or torch.device("cpu")
     rank, world = _rank_world()
     indices = list(range(rank, len(dataset), world))
@@ -84,7 +86,7 @@ def extract_features(encoder: MaskedViTEncoder, dataset: Dataset, block: int = -
     encoder.eval().to(device)
     for imgs, _ in tqdm(loader, desc=desc, unit="batch", disable=None if rank == 0 else True, leave=False,
                         dynamic_ncols=True):
-        f = encoder_features(encoder, imgs.to(device), block, pool).cpu()
+        f = features(encoder, imgs.to(device), block, pool).cpu()
         if out is None:
             out = torch.empty(len(indices), f.shape[1])
         out[start:start + len(f)] = f

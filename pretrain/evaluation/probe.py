@@ -163,11 +163,12 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
               batch_size: int = 256, blr: float = 0.1, weight_decay: float = 0.0, warmup_epochs: int = 10,
               optimizer: str = "sgd", seed: int = 0, extract_batch_size: int = 128, num_workers: int = 0,
               device: str = "auto", cache_dir: str | Path | None = None,
-              trust_pickle: bool = False) -> dict[str, Any]:
+              trust_pickle: bool = False, compile: bool = False) -> dict[str, Any]:
     """k-NN and linear-probe accuracy of the frozen encoder of `checkpoint` on `val_set`, trained on `train_set`.
 
     Both datasets yield (image at the encoder's input size, class index) and carry `labels` (a tensor) and
-    `classes`; `data_key` names them for the feature cache.
+    `classes`; `data_key` names them for the feature cache. `compile` compiles the feature forward
+    (`extract_features`).
 
     Returns:
         A JSON-ready dict: checkpoint, model, epoch, block, pool, sample and class counts,
@@ -188,7 +189,8 @@ def run_probe(checkpoint: str | Path, train_set: Dataset, val_set: Dataset, data
         check_feature_args(encoder, block, pool)
         classes = list(getattr(train_set, "classes", []))
         num_classes = len(classes) or int(train_set.labels.max()) + 1
-        common = dict(block=block, pool=pool, batch_size=extract_batch_size, num_workers=num_workers, device=dev)
+        common = dict(block=block, pool=pool, batch_size=extract_batch_size, num_workers=num_workers, device=dev,
+                      compile=compile)
         base = f"{file_key(path)}|{data_key}|block={block}|pool={pool}|size={encoder.patch_embed.img_size}"
         train = cached_features(encoder, train_set, base + "|train", cache_dir, desc="train features", **common)
         val = cached_features(encoder, val_set, base + "|val", cache_dir, desc="val features", **common)

@@ -80,7 +80,9 @@ class CrossAttentionBlock(nn.Module):
 class WeightedFeatureMaps(nn.Module):
     """Inter-block attention: one learned linear mix (no softmax) of k feature maps per decoder block.
 
-    `linear.weight` (decoder_depth, k) holds the mixing weights, row i for decoder block i.
+    `linear.weight` (decoder_depth, k) holds the mixing weights, row i for decoder block i. The official code
+    applies `linear` to the k maps stacked into one (N, T, D, k) tensor; this sums the weighted maps instead, which
+    computes the same without that copy of every map (kept alive for the backward pass).
     """
 
     def __init__(self, k: int, decoder_depth: int) -> None:
@@ -89,9 +91,13 @@ class WeightedFeatureMaps(nn.Module):
         # re-initialises every nn.Linear with xavier_uniform; that is what released runs started from.
         self.linear = nn.Linear(k, decoder_depth, bias=False)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """k tensors (N, T, D) -> (N, T, D, decoder_depth)."""
-        return self.linear(torch.stack(list(feats), dim=-1))
+    def forward(self, feats: Sequence[torch.Tensor], block: int) -> torch.Tensor:
+        """k tensors (N, T, D) -> (N, T, D), the mix that decoder block `block` reads."""
+        weights = self.linear.weight[block]
+        mix = feats[0] * weights[0]
+        for feat, weight in zip(feats[1:], weights[1:]):
+            mix = torch.addcmul(mix, feat, weight)
+        return mix
 
 
 class CrossMAE(MaskedViTEncoder):
@@ -168,9 +174,8 @@ class CrossMAE(MaskedViTEncoder):
         n = predicted.shape[0]
         pos = self.decoder_pos_embed[:, 1:].expand(n, -1, -1)[predicted]
         x = pos.reshape(n, -1, pos.shape[-1]) + self.mask_token
-        y = self.wfm(feats)  # (N, T, D, decoder_depth)
         for i, blk in enumerate(self.decoder_blocks):
-            x = blk(x, self.dec_norms[i](y[..., i]))
+            x = blk(x, self.dec_norms[i](self.wfm(feats, i)))
         return self.decoder_pred(self.decoder_norm(x))
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> MaskedOutput:

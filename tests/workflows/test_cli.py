@@ -61,6 +61,20 @@ def test_cli_writes_json_and_one_line_and_reuses_cached_features(probe_shapes, t
     assert json.loads((tmp_path / "probe.json").read_text()) == result
 
 
+def test_compile_flag_reaches_the_feature_extraction(probe_shapes, tmp_path, monkeypatch, tiny_checkpoint):
+    """`--compile` compiles the feature forward (that compiled features equal eager ones: test_features.py)."""
+    real, seen = features_module.extract_features, []
+
+    def recording(*args, compile=False, **kwargs):
+        seen.append(compile)
+        return real(*args, **kwargs)  # eager: compiling is the slow test's job
+
+    monkeypatch.setattr(features_module, "extract_features", recording)
+    assert cli.probe(_probe_args(probe_shapes, tiny_checkpoint(tmp_path / "m.pth"), tmp_path, "--compile")) == 0
+    assert cli.probe(_probe_args(probe_shapes, tiny_checkpoint(tmp_path / "m.pth"), tmp_path)) == 0
+    assert seen == [True, True, False, False]  # train and val features of each run
+
+
 def test_cli_prints_and_writes_the_chance_levels_beside_the_accuracies(counted_objects, tmp_path, capsys,
                                                                       tiny_checkpoint):
     ckpt = tiny_checkpoint(tmp_path / "m.pth")
@@ -80,6 +94,7 @@ def test_cli_prints_and_writes_the_chance_levels_beside_the_accuracies(counted_o
     ("block", "--block 5 is outside the encoder's 2 blocks"),
     ("no_labels", "no labelled images"),
     ("broken_json", "is not valid JSON"),
+    ("compiled_detector_view", "--compile compiles the crop view's encoder"),
 ])
 def test_bad_input_is_a_one_line_error(case, message, probe_shapes, tmp_path, capsys, tiny_checkpoint):
     ckpt = tiny_checkpoint(tmp_path / "m.pth")
@@ -89,6 +104,9 @@ def test_bad_input_is_a_one_line_error(case, message, probe_shapes, tmp_path, ca
         args[0] = str(tmp_path / "d2.pth")
     elif case == "block":
         args += ["--block", "5"]
+    elif case == "compiled_detector_view":
+        args += ["--view", "detector", "--config-file", str(ROOT / "configs/demo/mask_rcnn_vit_smoke_builtin.py"),
+                 "--compile"]
     elif case == "no_labels":
         (tmp_path / "folder" / "train").mkdir(parents=True)
         (tmp_path / "folder" / "val").mkdir()

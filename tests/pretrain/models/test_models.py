@@ -1,4 +1,6 @@
 """MAE / CrossMAE models: masking, decoder independence, loss support, registry, checkpoint keys."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -186,6 +188,76 @@ def test_crossmae_feature_maps_selection():
     model(torch.randn(1, 3, 32, 32)).loss.backward()
     with pytest.raises(ValueError):
         _tiny(CrossMAE, use_fm=[2])
+
+
+def _stacked_decoder(model: CrossMAE, feats: list[torch.Tensor], predicted: torch.Tensor) -> torch.Tensor:
+    """`forward_decoder` as the official code and this project before issue 28 wrote it: every feature map stacked
+    into one (N, T, D, k) tensor, mixed by `wfm.linear`, block i reading mix i."""
+    n = predicted.shape[0]
+    pos = model.decoder_pos_embed[:, 1:].expand(n, -1, -1)[predicted]
+    x = pos.reshape(n, -1, pos.shape[-1]) + model.mask_token
+    y = model.wfm.linear(torch.stack(feats, dim=-1))
+    for i, blk in enumerate(model.decoder_blocks):
+        x = blk(x, model.dec_norms[i](y[..., i]))
+    return model.decoder_pred(model.decoder_norm(x))
+
+
+def _decoder_inputs(model: CrossMAE) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Three (2, 33, 32) feature maps of the model's dtype that need gradients (more tokens than the 16 patches, so
+    that the maps outweigh the decoder's own activations), and 4 predicted patches a row."""
+    torch.manual_seed(2)
+    dtype = model.mask_token.dtype
+    feats = [torch.randn(2, 33, 32, dtype=dtype, requires_grad=True) for _ in range(3)]
+    predicted = torch.zeros(2, L, dtype=torch.bool)
+    predicted[0, [1, 4, 9, 15]] = predicted[1, [0, 2, 3, 7]] = True
+    return feats, predicted
+
+
+def _decoder_grads(model: CrossMAE, decoder, feats: list[torch.Tensor], predicted: torch.Tensor):
+    """`decoder`'s output and the gradients of a squared loss on it, per parameter name and per feature map."""
+    model.zero_grad(set_to_none=True)
+    for f in feats:
+        f.grad = None
+    out = decoder(feats, predicted)
+    out.square().sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, [f.grad for f in feats]
+
+
+# float32: the weighted sum rounds in another order than the stacked matrix product (gradients of about 10 differ
+# by about 1e-5); float64: the two are the same function
+@pytest.mark.parametrize("dtype, out_tol, grad_tol", [(torch.float32, 1e-6, 1e-5), (torch.float64, 1e-12, 1e-12)])
+def test_crossmae_feature_weighting_equals_the_stacked_form_with_gradients(dtype, out_tol, grad_tol):
+    """The decoder mixes the feature maps without stacking them (issue 28) and computes what the stacked form did."""
+    model = _tiny(CrossMAE, use_fm=[0, 1]).train().to(dtype)
+    with torch.no_grad():
+        model.wfm.linear.weight.normal_()  # every map weighs in every block
+    feats, predicted = _decoder_inputs(model)
+    out, grads, feat_grads = _decoder_grads(model, model.forward_decoder, feats, predicted)
+    ref, ref_grads, ref_feat_grads = _decoder_grads(model, partial(_stacked_decoder, model), feats, predicted)
+    torch.testing.assert_close(out, ref, rtol=0, atol=out_tol)
+    assert "wfm.linear.weight" in grads and grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=grad_tol, atol=grad_tol,
+                                   msg=lambda m: f"{name}: {m}")
+    for got, want in zip(feat_grads, ref_feat_grads):
+        torch.testing.assert_close(got, want, rtol=grad_tol, atol=grad_tol)
+
+
+def test_crossmae_decoder_keeps_no_stacked_copy_of_the_feature_maps():
+    """What the decoder saves for its backward pass (its weights aside) holds no tensor as large as the k feature maps
+    together."""
+    model = _tiny(CrossMAE, use_fm=[0, 1]).train()
+    feats, predicted = _decoder_inputs(model)
+    weights, sizes = {p.untyped_storage().data_ptr() for p in model.parameters()}, []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:  # a weight or a view of one (a transposed matrix)
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.forward_decoder(feats, predicted)
+    assert sizes and max(sizes) < len(feats) * feats[0].numel()
 
 
 def test_patchify_is_official_order_and_inverts():
