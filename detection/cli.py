@@ -18,7 +18,7 @@ from pretrain.weights.formats import summarize
 
 from .convert import convert_checkpoint
 from .lazyconfig import target_from_config
-from .preemption import Preempted, forward_stop_signals, stop_signals
+from .preemption import Preempted, forward_stop_signals
 from .report import TASKS, ap_table, load_ap, plot_ap, scored
 from .train import main
 
@@ -76,7 +76,7 @@ def train_net(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except ProcessExitedException as e:
-        if e.exit_code not in {128 + sig for sig in stop_signals()}:
+        if e.exit_code != Preempted.exit_code:
             raise
         return e.exit_code  # a preemption, which rank 0 reported
     except OSError as e:  # unreadable or unwritable paths, a full disk

@@ -26,19 +26,11 @@ import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from pretrain.errors import UserError
+from pretrain.training.preempt import Preempted
 
 __all__ = ["Preempted", "PreemptionHook", "forward_stop_signals", "stop_signals", "train_preemptible"]
 
 logger = logging.getLogger("detectron2")
-
-
-class Preempted(UserError):
-    """A run stopped by a preemption signal after saving a checkpoint; `exit_code` is 128 + the signal's number."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class _Stop(BaseException):
@@ -151,4 +143,4 @@ def train_preemptible(trainer: Any, start_iter: int, max_iter: int) -> None:
     try:
         trainer.train(start_iter, max_iter)
     except _Stop as stop:
-        raise Preempted(str(stop), stop.signum) from None
+        raise Preempted(str(stop)) from None

@@ -15,6 +15,7 @@ import detection  # noqa: F401  (compat layer before detectron2)
 from detection import cli as detection_cli
 from detection import preemption
 from detection.cli import train_net
+from detection.preemption import Preempted
 from detectron2.engine import SimpleTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def test_a_preemption_signal_saves_that_iteration_and_resume_finishes_the_run(si
     _signal_during(monkeypatch, 1, sig)
     previous = signal.signal(sig, _unhandled)
     try:
-        assert train_net(args) == 128 + sig
+        assert train_net(args) == Preempted.exit_code
         assert signal.getsignal(sig) is _unhandled  # the run's handler is gone again
     finally:
         signal.signal(sig, previous)
@@ -80,12 +81,12 @@ def test_workers_stopped_by_a_preemption_give_its_exit_status(monkeypatch, tmp_p
     """With several processes, the workers of detectron2's `launch` exit with the stop's status (rank 0 printed
     the message); train_net returns it instead of a traceback."""
     def launched(*_, **__):
-        raise mp.ProcessExitedException("process 1 terminated with exit code 138", error_index=1, error_pid=1,
-                                        exit_code=128 + signal.SIGUSR1)
+        raise mp.ProcessExitedException("process 1 terminated with exit code 75", error_index=1, error_pid=1,
+                                        exit_code=Preempted.exit_code)
 
     monkeypatch.setattr(detection_cli, "launch", launched)
     args = ["--config-file", SMOKE, "--num-gpus", "2", f"train.output_dir={tmp_path}"]
-    assert train_net(args) == 128 + signal.SIGUSR1
+    assert train_net(args) == Preempted.exit_code
 
 
 _RANKS = """
