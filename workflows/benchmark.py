@@ -33,6 +33,7 @@ from pretrain.models import VIT_SIZES, list_models  # noqa: E402
 from pretrain.training.optim import fused_by_default  # noqa: E402
 from pretrain.analysis.figures import save_figure  # noqa: E402
 
+from .reference import measure_reference, reference_table  # noqa: E402
 from .measure import (PretrainWorkload, TrainStep, ViTDetWorkload, calibrate_memory,  # noqa: E402
                       median, peak_bf16_tflops, peak_memory, pretrain_flops, time_round_robin,
                       training_tflops)
@@ -63,6 +64,7 @@ class BenchmarkConfig:
     peak_tflops: float | None = None
     vitdet: bool = False
     vitdet_size: int = 1024
+    reference: str | None = None  # a checkout of the official CrossMAE code (workflows.reference)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
@@ -300,6 +302,8 @@ def run(cfg: BenchmarkConfig, command: str = "") -> dict[str, Any]:
         (out / "vitdet.json").write_text(json.dumps(result, indent=1))
         print(text)
         return result
+    if cfg.reference:
+        return _run_reference(cfg, device, out, command)
     rows = measure_pretrain(cfg, device)
     fused = _fused(cfg, device)
     text = (_header(f"MAE vs CrossMAE training cost, ViT-{cfg.size}", cfg, command, device)
@@ -316,3 +320,18 @@ def run(cfg: BenchmarkConfig, command: str = "") -> dict[str, Any]:
     print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
     return {"rows": rows}
 
+
+
+def _run_reference(cfg: BenchmarkConfig, device: torch.device, out: Path, command: str) -> dict[str, Any]:
+    """`--reference`: our steps against the official code's at `cfg.input_size`; writes reference.md / .json."""
+    patch = cfg.patch_size or VIT_SIZES[cfg.size]["patch_size"]
+    rows = measure_reference(cfg.reference, cfg.size, pretrain_workloads(cfg, cfg.input_size, patch), device,
+                             cfg.warmup, cfg.steps, cfg.compile, _fused(cfg, device))
+    text = (_header(f"Our training step against the official code's, ViT-{cfg.size}/{cfg.input_size}",
+                    cfg, command, device)
+            + "- speed x official = official median step / this row's (above 1: faster than the official code)\n\n"
+            + reference_table(rows) + "\n")
+    (out / "reference.md").write_text(text)
+    (out / "reference.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+    return {"rows": rows}

@@ -98,6 +98,9 @@ def benchmark(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--vitdet", action="store_true",
                    help="benchmark the ViTDet backbone's attention paths (sdpa, folded) against the explicit softmax")
     p.add_argument("--vitdet-size", type=int, default=1024, help="ViTDet input side (1024 in ViTDet; e.g. 512 on CPU)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="a checkout of the official CrossMAE code: time its MAE and CrossMAE steps against ours "
+                        "(and ours compiled, with --compile) at --input-size, interleaved; writes reference.md")
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = BenchmarkConfig(**vars(p.parse_args(argv)))
     run_benchmark(cfg, shlex.join([".venv/bin/python", "tools/benchmark.py", *argv]))
