@@ -89,6 +89,22 @@ def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.
     return loss_value
 
 
+def _progress(loader, position: EpochPosition | None, epoch: int, first: int, n_iter: int) -> tqdm:
+    """The epoch's batches (from iteration `first` on) under a progress bar, with a stopped epoch's RNG states back."""
+    batches = iter(loader)  # draws the workers' seed from the epoch's fresh RNG, as an uninterrupted epoch does
+    if position is not None:
+        position.restore_rng()
+    # disable=None: no bar when stderr is not a terminal (a log file), so nothing redraws into files
+    return tqdm(batches, total=n_iter, initial=first, desc=f"epoch {epoch}",
+                disable=None if is_main_process() else True, dynamic_ncols=True, leave=False)
+
+
+def _log_scalars(writer: SummaryWriter, loss: float, lr: float, epochs: float) -> None:
+    # x-axis in 1/1000 epochs, as MAE, so curves of different batch sizes line up
+    writer.add_scalar("train/loss", loss, int(epochs * 1000))
+    writer.add_scalar("train/lr", lr, int(epochs * 1000))
+
+
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, epoch: int, cfg: dict[str, Any],
                     peak_lr: float, writer: SummaryWriter | None = None,
@@ -119,12 +135,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     spike = spike or SpikeGuard(0.0)
-    # disable=None: no bar when stderr is not a terminal (a log file), so nothing redraws into files
-    batches = iter(loader)  # draws the workers' seed from the epoch's fresh RNG, as an uninterrupted epoch does
-    if position is not None:
-        position.restore_rng()
-    bar = tqdm(batches, total=n_iter, initial=first, desc=f"epoch {epoch}",
-               disable=None if is_main_process() else True, dynamic_ncols=True, leave=False)
+    bar = _progress(loader, position, epoch, first, n_iter)
     optimizer.zero_grad(set_to_none=True)
     for it, (imgs, n_skipped) in enumerate(bar, start=first):
         if it % accum == 0:
@@ -144,19 +155,11 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         rate = seen / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
         if writer is not None and it % cfg["log_every"] == 0:
-            # x-axis in 1/1000 epochs, as MAE, so curves of different batch sizes line up
-            step = int((epoch + it / n_iter) * 1000)
-            writer.add_scalar("train/loss", loss_value, step)
-            writer.add_scalar("train/lr", lr, step)
+            _log_scalars(writer, loss_value, lr, epoch + it / n_iter)
         if boundary and it + 1 < n_iter and stop is not None and stop():
             raise StopRequested(EpochPosition(epoch, it + 1, loss_sum=loss_sum, skipped=skipped))
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {
-        "loss": all_reduce_mean(loss_sum / max(n_iter, 1), device),
-        "lr": lr,
-        "skipped_images": skipped,
-        "images_per_s": seen / elapsed,
-        "epoch_time_s": elapsed,
-    }
+    return {"loss": all_reduce_mean(loss_sum / max(n_iter, 1), device), "lr": lr, "skipped_images": skipped,
+            "images_per_s": seen / elapsed, "epoch_time_s": elapsed}

@@ -249,6 +249,27 @@ def _build(cfg: dict[str, Any], device: torch.device, world: int) -> tuple[torch
     return model, optimizer, scaler, peak_lr, resolved
 
 
+def _training_forward(model: torch.nn.Module, cfg: dict[str, Any], world: int) -> torch.nn.Module:
+    """What the epochs call: DDP's wrapper with several processes (FSDP2 shards `model` itself), compiled with
+    `compile`; checkpoints, snapshots and figures use `model`."""
+    forward = DistributedDataParallel(model) if world > 1 and not cfg["fsdp"] else model
+    return torch.compile(forward) if cfg["compile"] else forward
+
+
+def _open_data(cfg: dict[str, Any]):
+    """The training images: webdataset shards when `data_path` names them, else an image folder or the built-in set."""
+    if is_sharded(cfg["data_path"]):
+        return open_shards(cfg["data_path"], cfg["input_size"], cfg["seed"], cfg["shuffle_buffer"])
+    return build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
+                         cache_images=cfg["cache_images"])
+
+
+def _say_epoch(stats: dict[str, Any], seconds: float) -> None:
+    logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", stats["epoch"], stats["loss"], stats["lr"],
+                stats["images_per_s"], seconds,
+                f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")
+
+
 def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path,
          stop: StopFlag) -> dict[str, Any]:
     """The run in one process: set-up, resume, then epoch after epoch; one linear sequence, read whole."""
@@ -256,10 +277,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     resume = resolve_resume(cfg["resume"], out)
     if main:
         prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"], [cfg["init_from"]])
-    dataset = (open_shards(cfg["data_path"], cfg["input_size"], cfg["seed"], cfg["shuffle_buffer"])
-               if is_sharded(cfg["data_path"]) else
-               build_dataset(cfg["data_path"], cfg["input_size"], cfg["builtin_size"], cfg["seed"],
-                             cache_images=cfg["cache_images"]))
+    dataset = _open_data(cfg)
     loader, steps_per_epoch = _loader(cfg, dataset, device, rank, world)
     model, optimizer, scaler, peak_lr, resolved = _build(cfg, device, world)
     start_epoch, spike, position = ((0, SpikeGuard(cfg["loss_spike_factor"]), None) if resume is None
@@ -268,9 +286,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
         logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
                        "train further", resume, start_epoch - 1, cfg["epochs"])
         return {"epochs": [], "output_dir": str(out), "complete": True}
-    ddp_model = DistributedDataParallel(model) if world > 1 and not cfg["fsdp"] else model
-    if cfg["compile"]:  # the training forward only; checkpoints, snapshots and figures use `model` itself
-        ddp_model = torch.compile(ddp_model)
+    ddp_model = _training_forward(model, cfg, world)
     writer, vis = None, None
     first = gathered(model, cfg, device, bool(cfg["snapshot_every"]) and start_epoch == 0)  # whole, for a snapshot
     if main:
@@ -301,16 +317,13 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
             elif main:  # the epoch's whole record first, checkpoint-last.pth (which marks it done) last
                 _record_epoch(stats, cfg, resolved, out, model, optimizer, scaler, spike, steps_per_epoch, writer, vis)
             if main:
-                logger.info("epoch %d: loss %.4f, lr %.3g, %.1f img/s, %.0fs%s", epoch, stats["loss"], stats["lr"],
-                            stats["images_per_s"], time.time() - t0,
-                            f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")
+                _say_epoch(stats, time.time() - t0)
         except StopRequested as e:  # a preemption signal, agreed by every process at an optimizer step
             if cfg["fsdp"]:  # sharded checkpoints hold no position inside an epoch: the epoch is redone
                 raise Preempted(f"preempted ({stop.name()}) in epoch {epoch}: {kept_checkpoint(out)} (--fsdp saves "
                                 "no position inside an epoch); continue with --resume auto") from None
             state = make_checkpoint(model, optimizer, scaler, epoch - 1, resolved, spike.recent)
-            raise save_position(e, resumed, stop, cfg["batch_size"], state, out, save_checkpoint, rank,
-                                world) from None
+            raise save_position(e, resumed, stop, cfg["batch_size"], state, out, save_checkpoint, rank, world) from None
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under a command line: in training or a checkpoint write
             raise stopped_error(e, f"in epoch {epoch}", out, cfg) from None
         history.append(stats)
