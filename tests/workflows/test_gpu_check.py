@@ -39,6 +39,10 @@ def test_dry_run_end_to_end_reports_every_step(tmp_path):
         d = steps["pretrain"]["details"][method]
         assert len(d["losses"]) == 2 and d["relative_difference"] == 0.0
         assert (out / "pretrain" / method / "full" / "checkpoint-0.pth").is_file()
+    fsdp = steps["pretrain"]["details"]["crossmae_fsdp"]  # FSDP2 in one process: DDP's losses on CPU, and resumed
+    assert len(fsdp["losses"]) == 2 and fsdp["relative_difference"] < 1e-4
+    assert fsdp["resumed_loss"] == pytest.approx(fsdp["losses"][-1], rel=1e-4)
+    assert (out / "pretrain" / "crossmae_fsdp" / "full" / "checkpoint-0.dcp").is_dir()
     assert [r["variant"] for r in steps["benchmark"]["details"]["ratios"]] == ["CrossMAE p=0.25 d=12",
                                                                                "CrossMAE p=0.75 d=12"]
     assert (out / "detection" / "sdpa" / "ap.json").is_file()

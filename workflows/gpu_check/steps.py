@@ -19,6 +19,8 @@ MIN_DEMO_S = 60  # the demo is skipped with less than this left
 # The CrossMAE paper, ViT-B on 2 x A100: CrossMAE 1.48x faster per epoch than MAE, at 0.54x its memory.
 PAPER_SPEEDUP, PAPER_MEMORY = 1.48, 0.54
 RESUME_RTOL = 1e-3  # bf16 CUDA kernels need not be bitwise deterministic; on CPU the losses are equal
+# --fsdp against DDP: on CUDA FSDP2 holds bf16 parameters where DDP autocasts fp32 ones; on CPU both are fp32
+FSDP_RTOL = {"cuda": 0.05, "cpu": 1e-4}
 # Pretraining runs: (GPU, --tiny). Two epochs of 4 iterations each.
 PRETRAIN = {
     False: dict(input_size=224, batch_size=64, builtin_size=256, num_workers=4, size="base"),
@@ -143,13 +145,49 @@ def step_pretrain(check: Check) -> tuple[str, dict[str, Any]]:
         elif diff > RESUME_RTOL:
             failures.append(f"{method}: resumed loss {last_b:.6g} vs uninterrupted {last_a:.6g} "
                             f"(relative difference {diff:.2g} > {RESUME_RTOL:g})")
+    if "crossmae" in details:
+        failures += _fsdp_run(check, details)
     if failures:
         raise StepFailed("; ".join(failures))
     parts = [f"{m.upper() if m == 'mae' else 'CrossMAE'} loss {' -> '.join(f'{x:.4f}' for x in d['losses'])}, "
              f"resumed {d['resumed_loss']:.4f} ({'equal' if d['relative_difference'] == 0 else 'rel. diff %.1e' % d['relative_difference']}), "
-             f"{d['images_per_s'][-1]:.1f} img/s" for m, d in details.items()]
+             f"{d['images_per_s'][-1]:.1f} img/s" for m, d in details.items() if m != "crossmae_fsdp"]
+    fsdp = details["crossmae_fsdp"]
+    parts.append(f"CrossMAE --fsdp --activation_checkpointing loss {' -> '.join(f'{x:.4f}' for x in fsdp['losses'])} "
+                 f"(rel. diff to DDP {fsdp['relative_difference']:.1e}), sharded checkpoint resumed")
     spec = PRETRAIN[check.cfg.tiny]
     return f"ViT-{spec['size']} at {spec['input_size']} px, batch {spec['batch_size']}: " + "; ".join(parts), details
+
+
+def _fsdp_run(check: Check, details: dict[str, Any]) -> list[str]:
+    """CrossMAE's run again with `--fsdp --activation_checkpointing` (FSDP2 in one process: bf16 parameters on CUDA,
+    sharded checkpoint folders), then epoch 1 again from its epoch-0 folder; its losses against the DDP run's."""
+    recipe = check.out / "pretrain" / "crossmae.yaml"
+    full, resumed = (check.out / "pretrain" / "crossmae_fsdp" / run for run in ("full", "resumed"))
+    for folder in (full, resumed):
+        shutil.rmtree(folder, ignore_errors=True)
+    flags = ("--fsdp", "--activation_checkpointing")
+    try:
+        check.torchrun("tools/main_pretrain.py", "--config", recipe, "--output_dir", full, *flags)
+        if not (full / "checkpoint-0.dcp").is_dir():
+            return [f"crossmae --fsdp: no sharded checkpoint folder checkpoint-0.dcp in {full}"]
+        check.torchrun("tools/main_pretrain.py", "--config", recipe, "--output_dir", resumed, "--resume",
+                       full / "checkpoint-0.dcp", *flags)
+    except StepTimedOut:
+        raise
+    except StepFailed as e:
+        return [f"crossmae --fsdp: {e}"]
+    losses = [r["train_loss"] for r in read_log(full)]
+    ddp, again = details["crossmae"]["losses"][-1], read_log(resumed)[-1]["train_loss"]
+    diff = abs(losses[-1] - ddp) / max(abs(ddp), 1e-12)
+    details["crossmae_fsdp"] = {"losses": losses, "resumed_loss": again, "relative_difference": diff}
+    tol = FSDP_RTOL["cuda" if check.cfg.device.startswith("cuda") else "cpu"]
+    if not all(map(math.isfinite, losses + [again])):
+        return [f"crossmae --fsdp: non-finite loss {losses + [again]}"]
+    if diff > tol or abs(again - losses[-1]) > tol * abs(losses[-1]):
+        return [f"crossmae --fsdp: last loss {losses[-1]:.6g} (resumed {again:.6g}) against DDP's {ddp:.6g}, "
+                f"beyond {tol:g}"]
+    return []
 
 
 # -------------------------------------------------------------------------------------------------- 3. benchmark
