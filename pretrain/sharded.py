@@ -118,12 +118,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 class _IndexUnpickler(pickle.Unpickler):
     """Builds DCP's index (`Metadata` and the dataclasses it holds) and nothing else."""
 
+    # the index's own classes by name: a dotted name (pickle protocol 4) would walk the module's attributes, e.g.
+    # to the `os` it imports
     _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                *(("torch.distributed.checkpoint.metadata", n) for n in (
+                    "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
+                    "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"))}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED:
+        if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)

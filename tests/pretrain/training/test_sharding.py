@@ -175,6 +175,13 @@ def test_hostile_index_runs_no_code(tmp_path, tiny_cfg):
         read_checkpoint(folder)
     with pytest.raises(CheckpointError, match="checkpoint index"):
         resume_sharded(folder, model, optimizer, cfg["model"])
+    # protocol 4 names a global by a dotted path from an allowed module: DCP's metadata module imports `os`
+    module, name, command = (b"torch.distributed.checkpoint.metadata", b"os.system", f"touch {marker}".encode())
+    text = b"".join(b"\x8c" + bytes([len(b)]) + b for b in (module, name))  # SHORT_BINUNICODE each
+    (folder / ".metadata").write_bytes(b"\x80\x04" + text + b"\x93" + b"\x8c" + bytes([len(command)]) + command
+                                       + b"\x85R.")
+    with pytest.raises(CheckpointError, match="checkpoint index"):
+        read_checkpoint(folder)
     assert not marker.exists()
 
 
