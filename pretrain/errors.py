@@ -17,7 +17,10 @@ from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """A problem with the user's input; `str(error)` is the one-line message."""
+    """A problem with the user's input; `str(error)` is the one-line message. `quiet`: a process of a distributed run
+    whose main process reports the same stop prints nothing (its exit status still says it)."""
+
+    quiet = False
 
 
 class ConfigError(UserError, ValueError):
@@ -88,7 +91,8 @@ def command(main: Main) -> Callable[[Sequence[str] | None], int]:
             with _sigterm_as_interrupt():
                 return int(main(argv) or 0)
         except UserError as e:
-            print(f"error: {one_line(e)}", file=sys.stderr)
+            if not e.quiet:
+                print(f"error: {one_line(e)}", file=sys.stderr)
             return getattr(e, "exit_code", 2)
         except KeyboardInterrupt as e:
             print(interrupt_name(e), file=sys.stderr)

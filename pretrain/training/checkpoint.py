@@ -65,7 +65,9 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         out = Path(output_dir)
         lasts = [p for p in (out / LAST, complete_folder(out / LAST_SHARDED)) if p is not None and p.exists()]
         numbered = [p for p in numbered_checkpoints(output_dir) if p.is_file() or is_sharded(p)]
-        return max(lasts, key=lambda p: checkpoint_epoch(p) or -1) if lasts else numbered[-1] if numbered else None
+        epoch = {p: checkpoint_epoch(p) for p in lasts}  # -1: a stop inside epoch 0, before any epoch ended
+        return (max(lasts, key=lambda p: -2 if epoch[p] is None else epoch[p]) if lasts
+                else numbered[-1] if numbered else None)
     return Path(resume)
 
 

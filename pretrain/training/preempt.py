@@ -83,15 +83,17 @@ class StopFlag:
         self.signal = signal.Signals(signum).name
 
     def __call__(self) -> bool:
-        wanted = self.signal is not None
         if not dist.is_initialized():
-            return wanted
-        flag = torch.tensor([float(wanted)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return self.signal is not None
+        # the signal's number travels: every process names the signal one of them received
+        number = torch.tensor([float(signal.Signals[self.signal]) if self.signal else 0.0], device=self.device)
+        dist.all_reduce(number, op=dist.ReduceOp.MAX)
+        if number.item() and self.signal is None:
+            self.signal = signal.Signals(int(number.item())).name
+        return bool(number.item())
 
     def name(self) -> str:
-        """The signal as a message names it (another process may have received it)."""
+        """The signal as a message names it (received by this process or, learnt at the agreement, another)."""
         return self.signal or "signal to another process"
 
 
@@ -163,14 +165,18 @@ def save_position(e: StopRequested, resumed: EpochPosition | None, stop: StopFla
     position = gather_position(e.position, resumed, batch_size, state["loss_window"], rank, world)
     if position is not None:
         save({**state, "position": position}, out / LAST)
+    if world > 1:
+        dist.barrier()  # no process exits (and ends the process group) before the main one has saved
     return Preempted(f"preempted ({stop.name()}) in epoch {e.position.epoch} before iteration {e.position.iteration}: "
                      f"saved {out / LAST}; continue with --resume auto")
 
 
-def position_for(saved: dict[str, Any] | None, rank: int, world: int, batch_size: int) -> EpochPosition | None:
+def position_for(saved: dict[str, Any] | None, rank: int, world: int, batch_size: int,
+                 accum: int = 1) -> EpochPosition | None:
     """This process's `EpochPosition` from a checkpoint's `"position"` (None for a checkpoint written at an epoch's
     end). At the saved world and batch size each process takes its own part back; otherwise the first process
-    carries the old loss sums and counts, and the iteration is the new one nearest to the samples done."""
+    carries the old loss sums and counts, and the iteration numbers the samples done in the new iterations, rounded
+    down to the start of an accumulation group of `accum`, where the schedule and the optimizer steps line up."""
     if not saved:
         return None
     parts, done = saved["ranks"], int(saved["samples_done"])
@@ -182,7 +188,7 @@ def position_for(saved: dict[str, Any] | None, rank: int, world: int, batch_size
         return EpochPosition(saved["epoch"], int(saved["iteration"]), done, float(mine["loss_sum"]),
                              int(mine["skipped"]), list(mine["loss_window"]), mine["rng"])
     first = rank == 0
-    return EpochPosition(saved["epoch"], done // (batch_size * world), done,
+    return EpochPosition(saved["epoch"], done // (batch_size * world) // accum * accum, done,
                          sum(float(p["loss_sum"]) for p in parts) if first else 0.0,
                          sum(int(p["skipped"]) for p in parts) if first else 0, list(parts[0]["loss_window"]))
 

@@ -90,7 +90,11 @@ def run(cfg: dict[str, Any], preempt_signals: Sequence[int] = PREEMPT_SIGNALS) -
     device = resolve_device(cfg["device"])
     out = Path(cfg["output_dir"])
     with run_session(cfg, device, out) as (rank, world), preemption(preempt_signals, device) as stop:
-        return _run(cfg, device, rank, world, out, stop)
+        try:
+            return _run(cfg, device, rank, world, out, stop)
+        except Preempted as e:
+            e.quiet = rank != 0  # every process stops; the main one says so, once
+            raise
 
 
 @contextmanager
@@ -166,7 +170,7 @@ def _resume(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     scaler.load_state_dict(ckpt.get("scaler", {}))
     window = ckpt.get("loss_window")
     window = [x for x in window if isinstance(x, float)] if isinstance(window, list) else []
-    position = position_for(ckpt.get("position"), rank, world, cfg["batch_size"])
+    position = position_for(ckpt.get("position"), rank, world, cfg["batch_size"], cfg["accum_iter"])
     window = position.loss_window if position is not None else window
     return int(ckpt["epoch"]) + 1, SpikeGuard(cfg["loss_spike_factor"], window), position
 
@@ -249,6 +253,22 @@ def _build(cfg: dict[str, Any], device: torch.device, world: int) -> tuple[torch
     return model, optimizer, scaler, peak_lr, resolved
 
 
+def _complete(cfg: dict[str, Any], resume: Path, start_epoch: int, out: Path) -> dict[str, Any]:
+    logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to train further",
+                   resume, start_epoch - 1, cfg["epochs"])
+    return {"epochs": [], "output_dir": str(out), "complete": True}
+
+
+def _usable_position(position: EpochPosition | None, loader) -> EpochPosition | None:
+    """`position`, unless it was saved at another world size or batch size and the data are shards, whose stream is
+    split by process and worker: its batches already taken cannot be told apart, so the epoch starts again."""
+    if position is not None and position.rng is None and isinstance(loader, ShardLoader):
+        logger.warning("shards: the run stopped at another number of processes or batch size, which split the stream "
+                       "otherwise; epoch %d starts again from its beginning", position.epoch)
+        return None
+    return position
+
+
 def _training_forward(model: torch.nn.Module, cfg: dict[str, Any], world: int) -> torch.nn.Module:
     """What the epochs call: DDP's wrapper with several processes (FSDP2 shards `model` itself), compiled with
     `compile`; checkpoints, snapshots and figures use `model`."""
@@ -282,10 +302,9 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
     model, optimizer, scaler, peak_lr, resolved = _build(cfg, device, world)
     start_epoch, spike, position = ((0, SpikeGuard(cfg["loss_spike_factor"]), None) if resume is None
                                     else _resume(resume, model, optimizer, scaler, cfg, rank, world))
+    position = _usable_position(position, loader)
     if start_epoch >= cfg["epochs"]:
-        logger.warning("the run is already complete: %s is from epoch %d of --epochs %d; raise --epochs to "
-                       "train further", resume, start_epoch - 1, cfg["epochs"])
-        return {"epochs": [], "output_dir": str(out), "complete": True}
+        return _complete(cfg, resume, start_epoch, out)
     ddp_model = _training_forward(model, cfg, world)
     writer, vis = None, None
     first = gathered(model, cfg, device, bool(cfg["snapshot_every"]) and start_epoch == 0)  # whole, for a snapshot

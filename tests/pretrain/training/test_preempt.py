@@ -15,7 +15,7 @@ import yaml
 
 from pretrain import cli as pretrain_cli
 from pretrain.training import trainer
-from pretrain.training.preempt import Preempted, ResumableSampler, preemption
+from pretrain.training.preempt import Preempted, ResumableSampler, position_for, preemption
 from pretrain.training.run_folder import read_log
 from pretrain.training.trainer import run
 
@@ -186,3 +186,15 @@ def test_two_processes_stopped_by_sigusr1_and_resumed_give_the_losses_and_weight
     wa = torch.load(full / "checkpoint-last.pth", weights_only=True)["model"]
     wb = torch.load(cut / "checkpoint-last.pth", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_another_world_size_resumes_at_the_start_of_an_accumulation_group():
+    """A stop after 8 samples (world 1, batch 4, accumulation 2) continued by 2 processes: 8 // (4 x 2) = 1 iteration
+    done, which would sit inside a group of 2; the position starts the group instead, so the first step is whole."""
+    saved = {"epoch": 3, "iteration": 2, "samples_done": 8, "world_size": 1, "batch_size": 4,
+             "ranks": [{"loss_sum": 2.5, "skipped": 1, "loss_window": [1.0, 1.25], "rng": None}]}
+    first, second = (position_for(saved, rank, 2, 4, accum=2) for rank in (0, 1))
+    assert (first.epoch, first.iteration, first.samples_done) == (3, 0, 8) and second.iteration == 0
+    assert (first.loss_sum, first.skipped, second.loss_sum) == (2.5, 1, 0.0) and first.rng is None
+    assert position_for(saved, 0, 2, 2, accum=2).iteration == 2  # 8 // (2 x 2) = 2, a group's start
+    assert position_for({**saved, "samples_done": 24}, 0, 2, 4, accum=2).iteration == 2  # 3 -> 2

@@ -132,6 +132,10 @@ def test_later_epoch_of_file_and_folder_is_resumed(tmp_path, tiny_cfg):
     assert resolve_resume("auto", tmp_path) == tmp_path / LAST_SHARDED
     torch.save({"model": {}, "optimizer": {}, "epoch": 5}, tmp_path / "checkpoint-last.pth")
     assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoint-last.pth"
+    # a stop inside epoch 0 saves epoch -1; a folder of the finished epoch 0 is the later one
+    save_run_state(tmp_path / LAST_SHARDED, model, optimizer, 0, {"model": cfg["model"]}, [])
+    torch.save({"model": {}, "optimizer": {}, "epoch": -1, "position": {}}, tmp_path / "checkpoint-last.pth")
+    assert resolve_resume("auto", tmp_path) == tmp_path / LAST_SHARDED
 
 
 def test_folder_exports_as_single_file(tmp_path, tiny_cfg):
