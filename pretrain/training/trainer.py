@@ -33,9 +33,9 @@ from .checkpoint import LAST, load_checkpoint, make_checkpoint, resolve_resume
 from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .optim import build_optimizer, fused_by_default
-from .run_folder import (kept_checkpoint, prepare_output_dir, save_checkpoint, say_resume, stopped_error,
-                         trim_log)
-from .preempt import (PREEMPT_SIGNALS, EpochPosition, Preempted, ResumableSampler, StopFlag, StopRequested,
+from .run_folder import (kept_checkpoint, preempted_error, prepare_output_dir, save_checkpoint, say_resume,
+                         stopped_error, trim_log)
+from .preempt import (PREEMPT_SIGNALS, EpochPosition, ResumableSampler, StopFlag, StopRequested,
                       position_for, preemption, save_position)
 from .sharding import gathered, is_sharded_model, prepare_model, record_sharded, resume_sharded
 
@@ -286,8 +286,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
         resumed = position if epoch == start_epoch else None
         try:
             if stop():  # a signal before the first epoch or during the last one's records
-                raise Preempted(f"preempted ({stop.name()}) before epoch {epoch}: {kept_checkpoint(out)}; continue "
-                                "with --resume auto")
+                raise preempted_error(stop.name(), f"before epoch {epoch}", out)
             seed_epoch(cfg["seed"], epoch, rank)
             done = resumed.samples_done if resumed is not None else 0
             (loader if isinstance(loader, ShardLoader) else loader.sampler).set_epoch(epoch, done)
@@ -306,8 +305,8 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
                             f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else "")
         except StopRequested as e:  # a preemption signal, agreed by every process at an optimizer step
             if cfg["fsdp"]:  # sharded checkpoints hold no position inside an epoch: the epoch is redone
-                raise Preempted(f"preempted ({stop.name()}) in epoch {epoch}: {kept_checkpoint(out)} (--fsdp saves "
-                                "no position inside an epoch); continue with --resume auto") from None
+                raise preempted_error(stop.name(), f"in epoch {epoch}", out,
+                                      " (--fsdp saves no position inside an epoch)") from None
             state = make_checkpoint(model, optimizer, scaler, epoch - 1, resolved, spike.recent)
             raise save_position(e, resumed, stop, cfg["batch_size"], state, out, save_checkpoint, rank,
                                 world) from None

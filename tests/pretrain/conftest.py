@@ -1,4 +1,6 @@
 """Fixtures of the pretraining tests in more than one sub-folder."""
+import signal
+
 import pytest
 import torch
 
@@ -15,3 +17,13 @@ def tiny_model():
         torch.manual_seed(seed)
         return build_model(name, img_size=32, decoder_depth=2, **{**TINY, **kw}).eval()
     return build
+
+
+@pytest.fixture
+def usr1_unhandled():
+    """SIGUSR1 outside a run's own handling fails the test (its default action would end pytest)."""
+    def unhandled(*_):
+        raise AssertionError("SIGUSR1 reached the default handling, which ends the process without a word")
+    previous = signal.signal(signal.SIGUSR1, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGUSR1, previous)

@@ -26,16 +26,6 @@ def _recipe(tmp_path: Path, cfg: dict) -> str:
     return str(recipe)
 
 
-@pytest.fixture
-def usr1_unhandled():
-    """SIGUSR1 outside a run's own handling fails the test (its default action would end pytest)."""
-    def unhandled(*_):
-        raise AssertionError("SIGUSR1 reached the default handling, which ends the process without a word")
-    previous = signal.signal(signal.SIGUSR1, unhandled)
-    yield unhandled
-    signal.signal(signal.SIGUSR1, previous)
-
-
 def _signal_at_forward(monkeypatch, k: int) -> None:
     """The process sends itself SIGUSR1 during its k-th training forward (counted from 0), as a scheduler would."""
     real, calls = trainer.create_model, [0]
