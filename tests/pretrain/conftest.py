@@ -1,5 +1,6 @@
 """Fixtures of the pretraining tests in more than one sub-folder."""
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +28,18 @@ def usr1_unhandled():
     previous = signal.signal(signal.SIGUSR1, unhandled)
     yield unhandled
     signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.fixture(scope="session")
+def torchrun_worker():
+    """`torchrun_worker(agent_pid, rank)`: the pid of the worker process of `rank` that torchrun's agent started."""
+    def find(agent: int, rank: int) -> int:
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent:
+                    if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                        return int(proc.name)
+            except OSError:  # a process that ended meanwhile
+                continue
+        raise AssertionError(f"no worker of rank {rank} under torchrun {agent}")
+    return find

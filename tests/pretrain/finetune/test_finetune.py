@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,14 +318,45 @@ def test_layer_decay_groups_are_the_same_on_checkpointed_sharded_parameters(tmp_
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _torchrun(tmp_path: Path, cfg: dict, *flags: str) -> None:
+def _start(tmp_path: Path, cfg: dict, *flags: str) -> subprocess.Popen:
+    """tools/finetune.py on 2 processes under torchrun (its own free port), `cfg` as a recipe."""
     recipe = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
     recipe.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in ("trust_pickle", "resume", "eval")}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tools" / "finetune.py"), "--config", str(recipe), *flags],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "tools" / "finetune.py"), "--config", str(recipe), *flags],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _torchrun(tmp_path: Path, cfg: dict, *flags: str) -> None:
+    proc = _start(tmp_path, cfg, *flags)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow  # three 2-process runs under torchrun
+def test_two_processes_stopped_by_sigusr1_and_resumed_repeat_an_uninterrupted_run(tmp_path, colour_folder,
+                                                                                   torchrun_worker):
+    cfg = _cfg(tmp_path, colour_folder, batch_size=2, epochs=3, output_dir=str(tmp_path / "full"))  # 16 iterations
+    cut = {**cfg, "output_dir": str(tmp_path / "cut")}
+    _torchrun(tmp_path, cfg)
+    proc = _start(tmp_path, cut)
+    while not (tmp_path / "cut" / "checkpoint-last.pth").is_file() and proc.poll() is None:  # epoch 0 is saved
+        time.sleep(0.01)
+    time.sleep(0.05)  # into epoch 1
+    os.kill(torchrun_worker(proc.pid, 1), signal.SIGUSR1)  # one process only: the other learns it at the next step
+    _, err = proc.communicate(timeout=300)
+    stopped = re.search(r"preempted \(SIGUSR1\) in epoch (\d) before iteration (\d+)", err)
+    assert proc.returncode != 0 and stopped and "--resume auto" in err, err[-3000:]
+    position = torch.load(tmp_path / "cut" / "checkpoint-last.pth", weights_only=True)["position"]
+    assert (position["epoch"], position["iteration"]) == (int(stopped[1]), int(stopped[2]))
+    assert len(position["ranks"]) == 2 and 0 < position["iteration"] < 16
+    _torchrun(tmp_path, cut, "--resume", "auto")
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    keys = ("epoch", "train_loss", "test_loss", "test_acc1")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b] and len(b) == 3
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth"):
+        assert _same_weights(tmp_path / "full" / name, tmp_path / "cut" / name), name
 
 
 @pytest.mark.slow  # two 2-process runs under torchrun, then two 1-process resumes
