@@ -1,6 +1,6 @@
-"""SLURM launch of pretraining through submitit, in the shape of MAE's `submitit_pretrain.py`: one thin wrapper
-(`Trainer`) that runs the same `run` in every task, a checkpoint hook that resubmits it with `--resume auto`, and
-submitit's own requeue.
+"""SLURM launch of pretraining and fine-tuning through submitit, in the shape of MAE's `submitit_pretrain.py`: one
+thin wrapper (`Trainer`) that runs the same `run` (pretraining's or fine-tuning's, the task) in every task, a
+checkpoint hook that resubmits it with `--resume auto`, and submitit's own requeue.
 
 On SLURM's signal before the time limit (USR1, which this module makes submitit ask for) or on a preemption's
 SIGTERM, the run saves its position at the next optimizer step (`pretrain.training.preempt`); then `Trainer` raises
@@ -23,35 +23,40 @@ from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
 from .cli import log_to_stderr
 from .errors import ConfigError
+from .finetune.trainer import run as run_finetune
 from .training.preempt import Preempted
 from .training.trainer import run
 
-logger = logging.getLogger("pretrain")
 LAUNCH_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # a time limit's warning, a preemption's stop
+RUNS = {"pretrain": run, "finetune": run_finetune}  # a task's run, whose logger has the task's name
 
 
 class Trainer:
-    """What every SLURM task runs: one process of the pretraining run `cfg` (rank and world from SLURM, through
-    submitit's `TorchDistributedEnvironment`), which submitit requeues through `checkpoint`."""
+    """What every SLURM task runs: one process of the run `cfg` of `task` ("pretrain" or "finetune", a key of
+    `RUNS`; rank and world from SLURM, through submitit's `TorchDistributedEnvironment`), which submitit requeues
+    through `checkpoint`."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: dict[str, Any], task: str = "pretrain") -> None:
+        if task not in RUNS:
+            raise ConfigError(f"no SLURM task {task!r}; use one of {sorted(RUNS)}")
+        self.cfg, self.task = cfg, task
 
     def __call__(self) -> dict[str, Any]:
         # each task sees all of its node's GPUs and picks LOCAL_RANK's (`pretrain.distributed.init_distributed`)
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        log_to_stderr("pretrain")
+        log_to_stderr(self.task)
         try:
-            return run(self.cfg, preempt_signals=LAUNCH_SIGNALS)
+            return RUNS[self.task](self.cfg, preempt_signals=LAUNCH_SIGNALS)
         except Preempted as e:
-            logger.warning("%s", e)  # the job's log says where the run stopped; the requeued job continues there
+            # the job's log says where the run stopped; the requeued job continues there
+            logging.getLogger(self.task).warning("%s", e)
             if _submitit_handles(signal.SIGUSR1):
                 signal.raise_signal(signal.SIGUSR1)  # submitit: checkpoint(), requeue, and the main task exits
             raise
 
     def checkpoint(self) -> DelayedSubmission:
         """The resubmission submitit requeues: the same run, continued with `--resume auto`."""
-        return DelayedSubmission(Trainer({**self.cfg, "resume": "auto"}))
+        return DelayedSubmission(Trainer({**self.cfg, "resume": "auto"}, self.task))
 
 
 def _submitit_handles(signum: int) -> bool:
@@ -59,9 +64,10 @@ def _submitit_handles(signum: int) -> bool:
     return isinstance(getattr(signal.getsignal(signum), "__self__", None), SignalHandler)
 
 
-def slurm_executor(job_dir: str | Path, nodes: int, ngpus: int, partition: str, timeout: int) -> submitit.Executor:
+def slurm_executor(job_dir: str | Path, nodes: int, ngpus: int, partition: str, timeout: int,
+                   task: str = "pretrain") -> submitit.Executor:
     """submitit's SLURM executor: `nodes` x `ngpus` tasks, one GPU each, `timeout` minutes, USR1 two minutes before
-    (`partition` "": the cluster's default).
+    (`partition` "": the cluster's default), the job named after `task`.
 
     Raises:
         ConfigError: no SLURM here (`sbatch` or `srun` is not on PATH).
@@ -73,17 +79,17 @@ def slurm_executor(job_dir: str | Path, nodes: int, ngpus: int, partition: str, 
     executor = submitit.AutoExecutor(folder=str(job_dir), cluster="slurm", slurm_max_num_timeout=30)
     executor.update_parameters(nodes=nodes, tasks_per_node=ngpus, gpus_per_node=ngpus, cpus_per_task=10,
                                mem_gb=40 * ngpus, timeout_min=timeout, slurm_signal_delay_s=120,
-                               name="crossmae_pretrain", slurm_additional_parameters={"signal": "USR1@120"},
+                               name=f"crossmae_{task}", slurm_additional_parameters={"signal": "USR1@120"},
                                **({"slurm_partition": partition} if partition else {}))
     return executor
 
 
-def submit(cfg: dict[str, Any], executor: submitit.Executor) -> submitit.Job:
-    """Submit the pretraining run `cfg` (its output folder made absolute: the job may start elsewhere).
+def submit(cfg: dict[str, Any], executor: submitit.Executor, task: str = "pretrain") -> submitit.Job:
+    """Submit the run `cfg` of `task` (its output folder made absolute: the job may start elsewhere).
 
     Sets SUBMITIT_PREEMPT_SIGNAL=USR1 in this process's environment, which the job inherits: its submitit, imported
     there afresh, then binds its requeue handler to USR1.
     """
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
     cfg = {**cfg, "output_dir": str(Path(cfg["output_dir"]).resolve())}
-    return executor.submit(Trainer(cfg))
+    return executor.submit(Trainer(cfg, task))

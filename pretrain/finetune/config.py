@@ -55,6 +55,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "overwrite": False,
     "trust_pickle": False,
+    "fsdp": False,  # FSDP2 instead of DDP, with sharded checkpoint folders (pretrain.training.sharding)
+    "activation_checkpointing": False,  # recompute each block's activations in the backward pass
 }
 
 TYPES: dict[str, str] = {
@@ -66,7 +68,7 @@ TYPES: dict[str, str] = {
     "cutmix_minmax": "floats?", "mixup_prob": "float", "mixup_switch_prob": "float", "mixup_mode": "str",
     "global_pool": "bool", "nb_classes": "int?", "data_path": "str", "output_dir": "str", "resume": "str",
     "eval": "bool", "num_workers": "int", "seed": "int", "device": "str", "overwrite": "bool",
-    "trust_pickle": "bool",
+    "trust_pickle": "bool", "fsdp": "bool", "activation_checkpointing": "bool",
 }
 _MINIMUM = {"batch_size": 1, "epochs": 1, "accum_iter": 1, "input_size": 1, "drop_path": 0,
             "weight_decay": 0, "min_lr": 0, "warmup_epochs": 0, "smoothing": 0, "reprob": 0, "recount": 1, "mixup": 0,
@@ -120,14 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nb_classes", type=int, help="classes (default: the class folders of DATA_PATH/train)")
     p.add_argument("--data_path", help="ImageNet-layout root holding train/<class>/<image> and val/<class>/<image>")
     p.add_argument("--output_dir")
-    p.add_argument("--resume", help="a fine-tuning checkpoint to continue, 'auto' for OUTPUT_DIR/checkpoint-last.pth; "
-                                    "with --eval, the fine-tuned weights to evaluate (also a release name such as "
-                                    "crossmae_vit_base_finetune)")
+    p.add_argument("--resume", help="a fine-tuning checkpoint to continue, 'auto' for OUTPUT_DIR/checkpoint-last.pth "
+                                    "(or .dcp/ with --fsdp; also the position of a preempted run inside its epoch); "
+                                    "with --eval, the fine-tuned weights to evaluate (also a checkpoint folder, or a "
+                                    "release name such as crossmae_vit_base_finetune)")
     p.add_argument("--eval", action="store_true", default=None, help="only evaluate --resume on DATA_PATH/val")
     p.add_argument("--num_workers", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --output_dir")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
+                   help="shard parameters, gradients and optimizer state over the processes (FSDP2, per block) instead "
+                        "of DDP; checkpoints become folders checkpoint-last.dcp/ and checkpoint-best.dcp/ that resume "
+                        "at any number of processes and --eval reads")
+    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each transformer block's activations in the backward pass instead of keeping "
+                        "them: less memory, about one more forward of compute (with DDP or --fsdp)")
     p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,
                    help="allow weights files that unpickle Python objects (e.g. MAE's releases storing args): only "
                         "for files you trust, since loading them runs their code")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -63,6 +63,14 @@ def optimizer_steps_per_epoch(n_iter: int, accum_iter: int, step_partial_accum: 
     return -(-n_iter // accum_iter) if step_partial_accum else n_iter // accum_iter
 
 
+def gradient_sync(model: torch.nn.Module, boundary: bool) -> AbstractContextManager:
+    """The context of one iteration's backward under gradient accumulation: the gradients are reduced over the
+    processes (DDP's all-reduce, FSDP2's reduce-scatter) only on the iteration where the optimizer steps."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(boundary)
+    return nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+
+
 def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.amp.GradScaler, device: torch.device,
                       accum: int, boundary: bool, dropped: bool, spike: SpikeGuard, where: str) -> float:
     """One iteration's loss, and its gradient (divided by `accum`) unless its accumulation group is `dropped`.
@@ -70,10 +78,7 @@ def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.
     Raises:
         NonFiniteLossError: the loss is not finite, or a spike (`where` says at which epoch and iteration).
     """
-    # skip the DDP gradient all-reduce (FSDP2: the reduce-scatter) on accumulation steps that do not step
-    sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(boundary)
+    sync = gradient_sync(model, boundary)
     # a dropped group's gradients would be discarded: its losses are computed without them
     with sync, torch.no_grad() if dropped else nullcontext():
         with autocast(device):

@@ -160,9 +160,10 @@ def save_position(e: StopRequested, resumed: EpochPosition | None, stop: StopFla
                   state: dict[str, Any], out: Path, save: Callable[[dict, Path], None], rank: int,
                   world: int) -> Preempted:
     """Every process's position gathered into `state` (the resume checkpoint of the last finished epoch's kind, made
-    now) and saved by the main process as `out/checkpoint-last.pth` through `save`; returns the one-line error that
-    says where the run stopped and how to go on."""
-    position = gather_position(e.position, resumed, batch_size, state["loss_window"], rank, world)
+    now; its `loss_window` is the divergence guard's, where the trainer has one) and saved by the main process as
+    `out/checkpoint-last.pth` through `save`; returns the one-line error that says where the run stopped and how to
+    go on."""
+    position = gather_position(e.position, resumed, batch_size, state.get("loss_window", ()), rank, world)
     if position is not None:
         save({**state, "position": position}, out / LAST)
     if world > 1:
@@ -172,17 +173,18 @@ def save_position(e: StopRequested, resumed: EpochPosition | None, stop: StopFla
 
 
 def position_for(saved: dict[str, Any] | None, rank: int, world: int, batch_size: int,
-                 accum: int = 1) -> EpochPosition | None:
+                 accum: int = 1, log: logging.Logger = logger) -> EpochPosition | None:
     """This process's `EpochPosition` from a checkpoint's `"position"` (None for a checkpoint written at an epoch's
-    end). At the saved world and batch size each process takes its own part back; otherwise the first process
-    carries the old loss sums and counts, and the iteration numbers the samples done in the new iterations, rounded
-    down to the start of an accumulation group of `accum`, where the schedule and the optimizer steps line up."""
+    end), said in one line to `log`. At the saved world and batch size each process takes its own part back;
+    otherwise the first process carries the old loss sums and counts, and the iteration numbers the samples done in
+    the new iterations, rounded down to the start of an accumulation group of `accum`, where the schedule and the
+    optimizer steps line up."""
     if not saved:
         return None
     parts, done = saved["ranks"], int(saved["samples_done"])
     if rank == 0:
-        logger.info("continuing epoch %d after %d samples (iteration %d of %d process(es) of batch %d)",
-                    saved["epoch"], done, saved["iteration"], saved["world_size"], saved["batch_size"])
+        log.info("continuing epoch %d after %d samples (iteration %d of %d process(es) of batch %d)",
+                 saved["epoch"], done, saved["iteration"], saved["world_size"], saved["batch_size"])
     if saved["world_size"] == world and saved["batch_size"] == batch_size:
         mine = parts[rank]
         return EpochPosition(saved["epoch"], int(saved["iteration"]), done, float(mine["loss_sum"]),

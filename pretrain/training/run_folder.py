@@ -14,6 +14,7 @@ from ..errors import CheckpointError, ConfigError, UserError, interrupt_name, in
 from ..files import save_atomic, write_text_atomic
 from ..weights.releases import weights_file
 from .checkpoint import LAST, checkpoint_epoch, numbered_checkpoints, resolve_resume
+from .preempt import Preempted
 
 logger = logging.getLogger("pretrain")
 
@@ -112,6 +113,12 @@ def stopped_error(e: KeyboardInterrupt, where: str, out: Path, cfg: dict[str, An
                         f"{cfg['resume'] if given else 'auto'}")
     error.exit_code = interrupt_status(e)
     return error
+
+
+def preempted_error(name: str, where: str, out: Path, note: str = "") -> Preempted:
+    """The one-line error of a run preempted (by the signal `name`) where it saved no position: between epochs, or
+    under `--fsdp`; it names the checkpoint kept and how to go on."""
+    return Preempted(f"preempted ({name}) {where}: {kept_checkpoint(out)}{note}; continue with --resume auto")
 
 
 def say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch: int,

@@ -1,5 +1,5 @@
-"""FSDP2 and activation checkpointing for pretraining (`--fsdp`, `--activation_checkpointing`), and the sharded
-resume checkpoints (`OUTPUT_DIR/checkpoint-last.dcp/`) of an `--fsdp` run.
+"""FSDP2 and activation checkpointing for pretraining and fine-tuning (`--fsdp`, `--activation_checkpointing`), and
+the sharded resume checkpoints (`OUTPUT_DIR/checkpoint-last.dcp/`) of an `--fsdp` run.
 
 - `prepare_model`: activation checkpointing per transformer block (torch's `checkpoint_wrapper`, non-reentrant), then
   `fully_shard` per block (encoder and decoder) and on the root, bf16 parameters and fp32 gradient reduction on CUDA,
@@ -34,7 +34,8 @@ from .checkpoint import LAST_SHARDED
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of an MAE / CrossMAE model: the encoder's, then the decoder's."""
+    """The transformer blocks of an MAE / CrossMAE model (the encoder's, then the decoder's) or of timm's ViT
+    classifier."""
     return [*model.blocks, *getattr(model, "decoder_blocks", [])]
 
 
@@ -70,11 +71,12 @@ def is_sharded_model(model: nn.Module) -> bool:
 
 
 def save_run_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                   config: dict[str, Any], loss_window: Sequence[float]) -> None:
+                   config: dict[str, Any], loss_window: Sequence[float], extra: dict[str, Any] | None = None) -> None:
     """Every process: the model and optimizer (each process its shards) and the metadata of a single-file checkpoint
-    (`checkpoint.make_checkpoint`: epoch, config, loss window) into the folder `path`, atomically."""
+    (`checkpoint.make_checkpoint`: epoch, config, loss window; and `extra`, e.g. fine-tuning's accuracies) into the
+    folder `path`, atomically."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    meta = {"epoch": epoch, "config": dict(config), "loss_window": [float(x) for x in loss_window],
+    meta = {**(extra or {}), "epoch": epoch, "config": dict(config), "loss_window": [float(x) for x in loss_window],
             "world_size": dist.get_world_size() if dist.is_initialized() else 1}
     save_sharded({"model": model_sd, "optimizer": optim_sd}, meta, path)
 

@@ -33,8 +33,8 @@ from .checkpoint import LAST, load_checkpoint, make_checkpoint, resolve_resume
 from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .optim import build_optimizer, fused_by_default
-from .run_folder import (kept_checkpoint, prepare_output_dir, save_checkpoint, say_resume, stopped_error,
-                         trim_log)
+from .run_folder import (kept_checkpoint, preempted_error, prepare_output_dir, save_checkpoint, say_resume,
+                         stopped_error, trim_log)
 from .preempt import (PREEMPT_SIGNALS, EpochPosition, Preempted, ResumableSampler, StopFlag, StopRequested,
                       position_for, preemption, save_position)
 from .sharding import gathered, is_sharded_model, prepare_model, record_sharded, resume_sharded
@@ -90,17 +90,14 @@ def run(cfg: dict[str, Any], preempt_signals: Sequence[int] = PREEMPT_SIGNALS) -
     device = resolve_device(cfg["device"])
     out = Path(cfg["output_dir"])
     with run_session(cfg, device, out) as (rank, world), preemption(preempt_signals, device) as stop:
-        try:
-            return _run(cfg, device, rank, world, out, stop)
-        except Preempted as e:
-            e.quiet = rank != 0  # every process stops; the main one says so, once
-            raise
+        return _run(cfg, device, rank, world, out, stop)
 
 
 @contextmanager
 def run_session(cfg: dict[str, Any], device: torch.device, out: Path) -> Iterator[tuple[int, int]]:
     """A training run's process set-up, for pretraining and fine-tuning: the output folder's lock, the process group
-    (yields rank and world size), and a Ctrl-C or SIGTERM before the first epoch as a one-line `Interrupted`."""
+    (yields rank and world size), a Ctrl-C or SIGTERM before the first epoch as a one-line `Interrupted`, and a
+    preemption said once, by the main process."""
     # torchrun's first process holds the folder, from before the process group forms: a refusal then ends that
     # process alone, and torchrun stops the others, instead of leaving them waiting for it
     with run_lock(out, "--output_dir", enabled=launch_rank() == 0):
@@ -109,6 +106,9 @@ def run_session(cfg: dict[str, Any], device: torch.device, out: Path) -> Iterato
             yield rank, world
         except KeyboardInterrupt as e:  # in the set-up, before the first epoch (the epochs catch their own)
             raise stopped_error(e, "before training", out, cfg) from None
+        except Preempted as e:
+            e.quiet = rank != 0  # every process stops with its status; the main one prints the line
+            raise
         finally:
             cleanup()
 
@@ -321,8 +321,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
         resumed = position if epoch == start_epoch else None
         try:
             if stop():  # a signal before the first epoch or during the last one's records
-                raise Preempted(f"preempted ({stop.name()}) before epoch {epoch}: {kept_checkpoint(out)}; continue "
-                                "with --resume auto")
+                raise preempted_error(stop.name(), f"before epoch {epoch}", out)
             seed_epoch(cfg["seed"], epoch, rank)
             done = resumed.samples_done if resumed is not None else 0
             (loader if isinstance(loader, ShardLoader) else loader.sampler).set_epoch(epoch, done)
@@ -339,8 +338,8 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
                 _say_epoch(stats, time.time() - t0)
         except StopRequested as e:  # a preemption signal, agreed by every process at an optimizer step
             if cfg["fsdp"]:  # sharded checkpoints hold no position inside an epoch: the epoch is redone
-                raise Preempted(f"preempted ({stop.name()}) in epoch {epoch}: {kept_checkpoint(out)} (--fsdp saves "
-                                "no position inside an epoch); continue with --resume auto") from None
+                raise preempted_error(stop.name(), f"in epoch {epoch}", out,
+                                      " (--fsdp saves no position inside an epoch)") from None
             state = make_checkpoint(model, optimizer, scaler, epoch - 1, resolved, spike.recent)
             raise save_position(e, resumed, stop, cfg["batch_size"], state, out, save_checkpoint, rank, world) from None
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under a command line: in training or a checkpoint write

@@ -1,4 +1,7 @@
 """Fixtures of the pretraining tests in more than one sub-folder."""
+import signal
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,3 +18,28 @@ def tiny_model():
         torch.manual_seed(seed)
         return build_model(name, img_size=32, decoder_depth=2, **{**TINY, **kw}).eval()
     return build
+
+
+@pytest.fixture
+def usr1_unhandled():
+    """SIGUSR1 outside a run's own handling fails the test (its default action would end pytest)."""
+    def unhandled(*_):
+        raise AssertionError("SIGUSR1 reached the default handling, which ends the process without a word")
+    previous = signal.signal(signal.SIGUSR1, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.fixture(scope="session")
+def torchrun_worker():
+    """`torchrun_worker(agent_pid, rank)`: the pid of the worker process of `rank` that torchrun's agent started."""
+    def find(agent: int, rank: int) -> int:
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent:
+                    if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                        return int(proc.name)
+            except OSError:  # a process that ended meanwhile
+                continue
+        raise AssertionError(f"no worker of rank {rank} under torchrun {agent}")
+    return find

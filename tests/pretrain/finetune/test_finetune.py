@@ -1,14 +1,25 @@
 """Fine-tuning (`pretrain.finetune`): MAE's parameter groups, loading a pretrained encoder, learning, exact resume,
-evaluation of a saved checkpoint, and the one-line refusals."""
+evaluation of a saved checkpoint, and the one-line refusals; preemption inside an epoch; FSDP2 and activation
+checkpointing (layer-decay groups on sharded parameters, a 2-process run against DDP, its folders resumed and
+evaluated by one process)."""
 import argparse
 import json
 import logging
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import yaml
 from PIL import Image
+from torch.distributed.tensor import DTensor
 from torchvision import transforms
 
 from pretrain.errors import CheckpointError, ConfigError, DataError
@@ -19,7 +30,9 @@ from pretrain.finetune import trainer
 from pretrain.finetune.trainer import run
 from pretrain.runlock import FolderInUse, run_lock
 from pretrain.training.layer_decay import param_groups_lrd
+from pretrain.training.preempt import Preempted
 from pretrain.training.run_folder import Interrupted, read_log
+from pretrain.training.sharding import checkpoint_activations, shard
 
 GOLDEN = Path(__file__).parents[2] / "data" / "mae_lrd_vit_base.json"
 SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}  # the pretraining fixtures' TINY encoder
@@ -211,3 +224,173 @@ def test_an_unreadable_image_is_replaced_by_the_next_with_its_label(tmp_path):
     images = LabelledImages(tmp_path, transforms.ToTensor())
     image, label = images[0]
     assert label == 1 and image[0].mean() == 1.0  # b's red image, with b's label
+
+
+# ------------------------------------------------------------------------------------------------ preemption
+
+def _signal_at_forward(monkeypatch, k: int) -> None:
+    """The process sends itself SIGUSR1 during its k-th training forward (counted from 0), as a scheduler would."""
+    real, calls = trainer.build_classifier, [0]
+
+    def counting(*args, **kw):
+        model = real(*args, **kw)
+
+        def hook(mod, inputs):
+            if mod.training:
+                if calls[0] == k:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                calls[0] += 1
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_classifier", counting)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = (torch.load(p, weights_only=True)["model"] for p in (a, b))
+    return list(wa) == list(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigusr1_mid_epoch_saves_the_position_and_resume_auto_repeats_an_uninterrupted_run(
+        tmp_path, colour_folder, monkeypatch, usr1_unhandled):
+    """Mixup / CutMix, RandAugment, random erasing and drop path all draw from the RNGs the position saves."""
+    full = _cfg(tmp_path / "a", colour_folder, epochs=3, warmup_epochs=1)
+    run(full)
+    cfg = _cfg(tmp_path / "b", colour_folder, epochs=3, warmup_epochs=1)
+    out = tmp_path / "b" / "run"
+    _signal_at_forward(monkeypatch, 8 + 3)  # 64 images / batch 8: epoch 1, iteration 3
+    with pytest.raises(Preempted, match=r"^preempted \(SIGUSR1\) in epoch 1 before iteration 4: saved .*"
+                                        r"checkpoint-last.pth; continue with --resume auto$") as stopped:
+        run(cfg)
+    assert stopped.value.exit_code == 75  # EX_TEMPFAIL, as pretraining's
+    assert signal.getsignal(signal.SIGUSR1) is usr1_unhandled  # the run's handler is gone with the run
+    saved = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert saved["epoch"] == 0 and saved["position"]["epoch"] == 1 and saved["position"]["iteration"] == 4
+    assert saved["best_acc1"] == read_log(out)[0]["test_acc1"] and "acc1" not in saved  # weights not evaluated
+    monkeypatch.undo()
+    result = run({**cfg, "resume": "auto"})
+    assert [r["epoch"] for r in result["epochs"]] == [1, 2]
+    a, b = read_log(tmp_path / "a" / "run"), read_log(out)
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    keys = ("train_loss", "test_loss", "test_acc1")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert a[0]["train_loss"] != a[2]["train_loss"]  # the comparison is not between constants
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth"):
+        assert _same_weights(tmp_path / "a" / "run" / name, out / name), name
+    top = max(r["test_acc1"] for r in a)
+    best = [torch.load(d / "run" / "checkpoint-best.pth", weights_only=True) for d in (tmp_path / "a", tmp_path / "b")]
+    assert best[0]["epoch"] == best[1]["epoch"] == max(r["epoch"] for r in a if r["test_acc1"] == top)  # MAE: >=
+    assert [(c["acc1"], c["best_acc1"]) for c in best] == [(top, top)] * 2
+
+
+def test_a_signal_in_the_first_epoch_resumes_inside_it(tmp_path, colour_folder, monkeypatch, usr1_unhandled):
+    cfg = _cfg(tmp_path, colour_folder, epochs=1)
+    _signal_at_forward(monkeypatch, 1)
+    with pytest.raises(Preempted, match=r"in epoch 0 before iteration 2"):
+        run(cfg)
+    assert torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)["best_acc1"] == 0.0
+    monkeypatch.undo()
+    assert [r["epoch"] for r in run({**cfg, "resume": "auto"})["epochs"]] == [0]
+    assert (tmp_path / "run" / "checkpoint-best.pth").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+
+def test_layer_decay_groups_are_the_same_on_checkpointed_sharded_parameters(tmp_path):
+    plain = build_classifier("vit_tiny_patch16", 4, input_size=32, **SMALL)
+    wrapped = build_classifier("vit_tiny_patch16", 4, input_size=32, **SMALL)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        checkpoint_activations(wrapped)
+        shard(wrapped, torch.device("cpu"))
+        assert isinstance(wrapped.blocks[0].mlp.fc1.weight, DTensor)
+        described = []
+        for model in (plain, wrapped):
+            names = {id(p): n.replace("._checkpoint_wrapped_module", "") for n, p in model.named_parameters()}
+            groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)
+            described.append([(g["lr_scale"], g["weight_decay"], [names[id(p)] for p in g["params"]])
+                              for g in groups])
+    finally:
+        dist.destroy_process_group()
+    assert described[0] == described[1] and len(described[0]) == 8  # 4 layers (depth 2 + 2), with and without decay
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _start(tmp_path: Path, cfg: dict, *flags: str) -> subprocess.Popen:
+    """tools/finetune.py on 2 processes under torchrun (its own free port), `cfg` as a recipe."""
+    recipe = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
+    recipe.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in ("trust_pickle", "resume", "eval")}))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "tools" / "finetune.py"), "--config", str(recipe), *flags],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _torchrun(tmp_path: Path, cfg: dict, *flags: str) -> None:
+    proc = _start(tmp_path, cfg, *flags)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow  # three 2-process runs under torchrun
+def test_two_processes_stopped_by_sigusr1_and_resumed_repeat_an_uninterrupted_run(tmp_path, colour_folder,
+                                                                                   torchrun_worker):
+    cfg = _cfg(tmp_path, colour_folder, batch_size=2, epochs=3, output_dir=str(tmp_path / "full"))  # 16 iterations
+    cut = {**cfg, "output_dir": str(tmp_path / "cut")}
+    _torchrun(tmp_path, cfg)
+    proc = _start(tmp_path, cut)
+    while not (tmp_path / "cut" / "checkpoint-last.pth").is_file() and proc.poll() is None:  # epoch 0 is saved
+        time.sleep(0.01)
+    time.sleep(0.05)  # into epoch 1
+    os.kill(torchrun_worker(proc.pid, 1), signal.SIGUSR1)  # one process only: the other learns it at the next step
+    _, err = proc.communicate(timeout=300)
+    stopped = re.search(r"preempted \(SIGUSR1\) in epoch (\d) before iteration (\d+)", err)
+    assert proc.returncode != 0 and stopped and "--resume auto" in err, err[-3000:]
+    position = torch.load(tmp_path / "cut" / "checkpoint-last.pth", weights_only=True)["position"]
+    assert (position["epoch"], position["iteration"]) == (int(stopped[1]), int(stopped[2]))
+    assert len(position["ranks"]) == 2 and 0 < position["iteration"] < 16
+    _torchrun(tmp_path, cut, "--resume", "auto")
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    keys = ("epoch", "train_loss", "test_loss", "test_acc1")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b] and len(b) == 3
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth"):
+        assert _same_weights(tmp_path / "full" / name, tmp_path / "cut" / name), name
+
+
+@pytest.mark.slow  # two 2-process runs under torchrun, then two 1-process resumes
+def test_fsdp_fine_tuning_matches_ddp_and_its_folders_resume_and_evaluate_on_one_process(tmp_path, colour_folder):
+    """Mixup, RandAugment, drop path, accumulation and gradient clipping, FSDP2 with activation checkpointing."""
+    data = tmp_path / "data"  # 25 val images: shares of 13 and 12, i.e. 4 and 3 batches of 4 unless padded
+    (data / "val").mkdir(parents=True)
+    (data / "train").symlink_to(colour_folder / "train")
+    for folder in sorted((colour_folder / "val").iterdir()):
+        (data / "val" / folder.name).mkdir()
+        for image in sorted(folder.iterdir())[7 if folder.name == "red" else 0:]:
+            (data / "val" / folder.name / image.name).symlink_to(image)
+    # 64 train images / (4 x 2 processes): 8 iterations, 4 optimizer steps an epoch
+    ddp = _cfg(tmp_path, data, batch_size=4, accum_iter=2, epochs=2, clip_grad=1.0, output_dir=str(tmp_path / "ddp"))
+    fsdp = {**ddp, "output_dir": str(tmp_path / "fsdp"), "fsdp": True}
+    _torchrun(tmp_path, ddp)
+    _torchrun(tmp_path, fsdp, "--activation_checkpointing")
+    logs = {name: read_log(cfg["output_dir"]) for name, cfg in (("ddp", ddp), ("fsdp", fsdp))}
+    losses = {name: [r["train_loss"] for r in log] for name, log in logs.items()}
+    assert len(losses["fsdp"]) == 2 and losses["fsdp"][0] != losses["fsdp"][1]
+    np.testing.assert_allclose(losses["fsdp"], losses["ddp"], rtol=1e-5)
+    np.testing.assert_allclose([r["test_loss"] for r in logs["fsdp"]], [r["test_loss"] for r in logs["ddp"]],
+                               rtol=1e-4)
+    assert [r["test_images"] for r in logs["fsdp"]] == [25, 25]  # every val image once, padding not counted
+    out = tmp_path / "fsdp"
+    assert sorted(p.name for p in (out / "checkpoint-last.dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(out.glob("*.pth"))
+    best = max(r["test_acc1"] for r in logs["fsdp"])
+    meta = json.loads((out / "checkpoint-best.dcp" / "meta.json").read_text())
+    assert meta["best_acc1"] == meta["acc1"] == best and meta["world_size"] == 2
+    evaluated = run({**fsdp, "eval": True, "resume": str(out / "checkpoint-last.dcp")})  # one process reads it whole
+    assert evaluated["acc1"] == logs["fsdp"][-1]["test_acc1"] and evaluated["images"] == 25
+    run({**fsdp, "epochs": 3, "resume": "auto"})  # a third epoch on one process continues both runs alike
+    run({**ddp, "epochs": 3, "resume": "auto"})
+    third = [read_log(cfg["output_dir"])[2]["train_loss"] for cfg in (fsdp, ddp)]
+    np.testing.assert_allclose(third[0], third[1], rtol=1e-4)
+    assert json.loads((out / "checkpoint-last.dcp" / "meta.json").read_text())["epoch"] == 2

@@ -26,16 +26,6 @@ def _recipe(tmp_path: Path, cfg: dict) -> str:
     return str(recipe)
 
 
-@pytest.fixture
-def usr1_unhandled():
-    """SIGUSR1 outside a run's own handling fails the test (its default action would end pytest)."""
-    def unhandled(*_):
-        raise AssertionError("SIGUSR1 reached the default handling, which ends the process without a word")
-    previous = signal.signal(signal.SIGUSR1, unhandled)
-    yield unhandled
-    signal.signal(signal.SIGUSR1, previous)
-
-
 def _signal_at_forward(monkeypatch, k: int) -> None:
     """The process sends itself SIGUSR1 during its k-th training forward (counted from 0), as a scheduler would."""
     real, calls = trainer.create_model, [0]
@@ -148,21 +138,9 @@ def _torchrun(recipe: str, out: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _worker(agent: int, rank: int) -> int:
-    """The pid of torchrun's worker process of `rank`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent:
-                if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    return int(proc.name)
-        except OSError:  # a process that ended meanwhile
-            continue
-    raise AssertionError(f"no worker of rank {rank} under torchrun {agent}")
-
-
 @pytest.mark.slow  # three two-process runs under torchrun
 def test_two_processes_stopped_by_sigusr1_and_resumed_give_the_losses_and_weights_of_an_uninterrupted_run(
-        tmp_path, tiny_cfg):
+        tmp_path, tiny_cfg, torchrun_worker):
     cfg = tiny_cfg(tmp_path, epochs=3, batch_size=2, builtin_size=64)  # 16 iterations an epoch on each process
     recipe = _recipe(tmp_path, cfg)
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -172,7 +150,7 @@ def test_two_processes_stopped_by_sigusr1_and_resumed_give_the_losses_and_weight
     while not (cut / "checkpoint-last.pth").is_file() and proc.poll() is None:  # epoch 0 is saved
         time.sleep(0.01)
     time.sleep(0.3)  # into epoch 1 (16 iterations, seconds)
-    os.kill(_worker(proc.pid, 1), signal.SIGUSR1)  # one process only: the other learns it at the next step
+    os.kill(torchrun_worker(proc.pid, 1), signal.SIGUSR1)  # one process only: the other learns it at the next step
     assert proc.wait(timeout=300) != 0
     err = proc.stderr.read()
     assert "preempted (SIGUSR1) in epoch" in err and "--resume auto" in err, err[-3000:]
