@@ -117,13 +117,16 @@ class PreemptionHook(HookBase):
         return int(flag.item())
 
     def after_step(self) -> None:
+        if self.trainer.iter + 1 >= self.trainer.max_iter:  # the last iteration: the run ends and evaluates anyway
+            return
         signum = self._agreed()
         if not signum:
             return
         iteration = self.trainer.iter
         name = f"model_{iteration:07d}"
-        self.checkpointer.save(name, iteration=iteration)
         path = Path(self.checkpointer.save_dir) / f"{name}.pth"
+        if not (path.is_file() and Path(self.checkpointer.get_checkpoint_file() or "") == path):
+            self.checkpointer.save(name, iteration=iteration)  # unless the periodic checkpoint of this very iteration
         message = (f"preempted ({signal.Signals(signum).name}) after iteration {iteration}: saved {path}; "
                    "continue with the same command plus --resume")
         if comm.is_main_process() and signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):

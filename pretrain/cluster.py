@@ -22,7 +22,7 @@ from submitit.core.job_environment import SignalHandler
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
 from .cli import log_to_stderr
-from .errors import ConfigError
+from .errors import ConfigError, UserError, one_line
 from .finetune.trainer import run as run_finetune
 from .training.preempt import Preempted
 from .training.trainer import run
@@ -45,13 +45,18 @@ class Trainer:
         # each task sees all of its node's GPUs and picks LOCAL_RANK's (`pretrain.distributed.init_distributed`)
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         log_to_stderr(self.task)
+        log = logging.getLogger(self.task)
         try:
             return RUNS[self.task](self.cfg, preempt_signals=LAUNCH_SIGNALS)
         except Preempted as e:
-            # the job's log says where the run stopped; the requeued job continues there
-            logging.getLogger(self.task).warning("%s", e)
+            if int(os.environ.get("RANK", "0")):
+                return None  # a task that fails could end the job step before the first one has requeued it
+            log.warning("%s", e)  # the job's log says where the run stopped; the requeued job continues there
             if _submitit_handles(signal.SIGUSR1):
                 signal.raise_signal(signal.SIGUSR1)  # submitit: checkpoint(), requeue, and the main task exits
+            raise
+        except UserError as e:  # one line in the job's log, as a command line says it
+            log.error("error: %s", one_line(e))
             raise
 
     def checkpoint(self) -> DelayedSubmission:
@@ -85,11 +90,14 @@ def slurm_executor(job_dir: str | Path, nodes: int, ngpus: int, partition: str, 
 
 
 def submit(cfg: dict[str, Any], executor: submitit.Executor, task: str = "pretrain") -> submitit.Job:
-    """Submit the run `cfg` of `task` (its output folder made absolute: the job may start elsewhere).
+    """Submit the run `cfg` of `task` (its output folder made absolute: the job may start elsewhere), with
+    `--resume auto` unless it names a checkpoint.
 
     Sets SUBMITIT_PREEMPT_SIGNAL=USR1 in this process's environment, which the job inherits: its submitit, imported
     there afresh, then binds its requeue handler to USR1.
     """
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
-    cfg = {**cfg, "output_dir": str(Path(cfg["output_dir"]).resolve())}
+    # --resume auto unless a checkpoint is named: a job SLURM requeues for a node failure, before any checkpoint()
+    # call, or the same command submitted again, continues the run instead of refusing its folder
+    cfg = {**cfg, "output_dir": str(Path(cfg["output_dir"]).resolve()), "resume": cfg.get("resume") or "auto"}
     return executor.submit(Trainer(cfg, task))

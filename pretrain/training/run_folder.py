@@ -102,7 +102,10 @@ def kept_checkpoint(out: Path) -> str:
     before or just after a checkpoint's write)."""
     path = resolve_resume("auto", out)
     epoch = None if path is None else checkpoint_epoch(path)
-    return "no checkpoint was written yet" if epoch is None else f"the kept checkpoint {path} is from epoch {epoch}"
+    if epoch is None:
+        return "no checkpoint was written yet"
+    # a preempted run's checkpoint holds its last finished epoch, -1 for a stop inside epoch 0
+    return f"the kept checkpoint {path} is from {f'epoch {epoch}' if epoch >= 0 else 'inside epoch 0'}"
 
 
 def stopped_error(e: KeyboardInterrupt, where: str, out: Path, cfg: dict[str, Any]) -> Interrupted:
@@ -126,7 +129,8 @@ def say_resume(cfg: dict[str, Any], out: Path, resume: Path | None, start_epoch:
     """One line: where the run resumes from, or that `--resume auto` found nothing and starts a new run."""
     if resume is not None:
         numbered = cfg["resume"] == "auto" and resume in numbered_checkpoints(out)
-        log.info("resuming from %s (epoch %d done) at epoch %d%s", resume, start_epoch - 1, start_epoch,
+        done = f"epoch {start_epoch - 1} done" if start_epoch else "no epoch done"
+        log.info("resuming from %s (%s) at epoch %d%s", resume, done, start_epoch,
                  f" (there is no {LAST}: the newest numbered checkpoint)" if numbered else "")
     elif cfg["resume"] == "auto":
         log.info("--resume auto: no checkpoint in %s, starting a new run", out)

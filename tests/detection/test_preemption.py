@@ -16,6 +16,7 @@ from detection import cli as detection_cli
 from detection import preemption
 from detection.cli import train_net
 from detection.preemption import Preempted
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +71,33 @@ def test_a_preemption_signal_saves_that_iteration_and_resume_finishes_the_run(si
     assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 3
 
 
+def test_a_stop_on_a_periodic_checkpoint_saves_once_and_one_on_the_last_iteration_is_no_stop(tmp_path, monkeypatch):
+    """The periodic checkpoint of the stop's iteration is the one kept (not rewritten in place during the grace
+    time); a signal in the last iteration lets the run end and evaluate."""
+    saves, real_save = [], DetectionCheckpointer.save
+
+    def counting(self, name, **extra):
+        saves.append(name)
+        real_save(self, name, **extra)
+
+    monkeypatch.setattr(DetectionCheckpointer, "save", counting)
+    out = tmp_path / "out"
+    args = ["--config-file", SMOKE, f"train.output_dir={out}", "train.max_iter=4", "train.checkpointer.period=2"]
+    _signal_during(monkeypatch, 1, signal.SIGUSR1)  # iteration 1 ends a period of 2
+    previous = signal.signal(signal.SIGUSR1, _unhandled)
+    try:
+        assert train_net(args) == Preempted.exit_code
+        assert saves == ["model_0000001"]
+        saves.clear()
+        monkeypatch.undo()
+        monkeypatch.setattr(DetectionCheckpointer, "save", counting)
+        _signal_during(monkeypatch, 3, signal.SIGUSR1)  # the last of 4 iterations
+        assert train_net(["--resume", *args]) == 0
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert json.loads((out / "ap.json").read_text())["iteration"] == 4 and "model_final" in saves
+
+
 def test_sigterm_outside_slurm_is_no_preemption(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert preemption.stop_signals() == (signal.SIGUSR1,)
@@ -102,11 +130,13 @@ class Saves:
         self.saved = []
     def save(self, name, **extra):
         self.saved.append([name, extra["iteration"]])
+    def get_checkpoint_file(self):
+        return ""
 
 dist.init_process_group("gloo")
 rank, saves = dist.get_rank(), Saves()
 hook = PreemptionHook(saves)
-hook.trainer = SimpleNamespace(iter=0)
+hook.trainer = SimpleNamespace(iter=0, max_iter=20)
 hook.before_train()
 stopped = None
 try:

@@ -1,6 +1,7 @@
 """The SLURM launcher (`pretrain.cluster`, `tools/submitit_pretrain.py`) under submitit's local executors: the same
 run in a job, SIGTERM taking the preemption path and handing over to submitit's requeue, which continues the run
 inside its epoch; `--help` and a refusal without SLURM; the same for fine-tuning (`--mode finetune`)."""
+import logging
 import os
 import re
 import signal
@@ -31,6 +32,23 @@ def test_the_job_runs_the_run_and_its_checkpoint_resubmits_it_with_resume_auto(t
         assert [s["epoch"] for s in job.result()["epochs"]] == [0]
     again = Trainer(cfg).checkpoint()
     assert isinstance(again.function, Trainer) and again.function.cfg == {**cfg, "resume": "auto"}
+
+
+def test_the_same_command_submitted_again_continues_the_run_and_a_bad_setting_is_one_log_line(tmp_path, tiny_cfg,
+                                                                                              caplog):
+    cfg = tiny_cfg(tmp_path, epochs=1)
+    with mock.patch.dict(os.environ):
+        submit(cfg, submitit.DebugExecutor(tmp_path / "jobs")).result()
+    with mock.patch.dict(os.environ):  # no --resume given: the job continues the run its folder holds
+        job = submit({**cfg, "epochs": 2}, submitit.DebugExecutor(tmp_path / "jobs"))
+        assert [s["epoch"] for s in job.result()["epochs"]] == [1]
+    bad = tiny_cfg(tmp_path / "bad", data_path=str(tmp_path / "no_such_folder"))
+    with mock.patch.dict(os.environ), caplog.at_level(logging.ERROR, logger="pretrain"):
+        with pytest.raises(Exception):
+            submit(bad, submitit.DebugExecutor(tmp_path / "jobs")).result()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "pretrain"]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "no_such_folder" in errors[0]
+    assert "\n" not in errors[0]
 
 
 def test_help_works_without_slurm_and_submitting_without_sbatch_is_one_line(tmp_path, monkeypatch, one_error_line):

@@ -16,7 +16,7 @@ import yaml
 from pretrain import cli as pretrain_cli
 from pretrain.training import trainer
 from pretrain.training.preempt import Preempted, ResumableSampler, position_for, preemption
-from pretrain.training.run_folder import read_log
+from pretrain.training.run_folder import kept_checkpoint, read_log
 from pretrain.training.trainer import run
 
 
@@ -176,3 +176,8 @@ def test_another_world_size_resumes_at_the_start_of_an_accumulation_group():
     assert (first.loss_sum, first.skipped, second.loss_sum) == (2.5, 1, 0.0) and first.rng is None
     assert position_for(saved, 0, 2, 2, accum=2).iteration == 2  # 8 // (2 x 2) = 2, a group's start
     assert position_for({**saved, "samples_done": 24}, 0, 2, 4, accum=2).iteration == 2  # 3 -> 2
+
+
+def test_a_stop_inside_epoch_0_is_named_so(tmp_path):
+    torch.save({"model": {}, "optimizer": {}, "epoch": -1, "position": {"epoch": 0}}, tmp_path / "checkpoint-last.pth")
+    assert kept_checkpoint(tmp_path) == f"the kept checkpoint {tmp_path / 'checkpoint-last.pth'} is from inside epoch 0"
