@@ -65,6 +65,7 @@ class BenchmarkConfig:
     vitdet: bool = False
     vitdet_size: int = 1024
     reference: str | None = None  # a checkout of the official CrossMAE code (workflows.reference)
+    cpu_bf16: bool = False  # with reference: also our step under bf16 autocast on CPU
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
@@ -326,7 +327,7 @@ def _run_reference(cfg: BenchmarkConfig, device: torch.device, out: Path, comman
     """`--reference`: our steps against the official code's at `cfg.input_size`; writes reference.md / .json."""
     patch = cfg.patch_size or VIT_SIZES[cfg.size]["patch_size"]
     rows = measure_reference(cfg.reference, cfg.size, pretrain_workloads(cfg, cfg.input_size, patch), device,
-                             cfg.warmup, cfg.steps, cfg.compile, _fused(cfg, device))
+                             cfg.warmup, cfg.steps, cfg.compile, _fused(cfg, device), cfg.cpu_bf16)
     text = (_header(f"Our training step against the official code's, ViT-{cfg.size}/{cfg.input_size}",
                     cfg, command, device)
             + "- speed x official = official median step / this row's (above 1: faster than the official code)\n\n"

@@ -101,6 +101,8 @@ def benchmark(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="a checkout of the official CrossMAE code: time its MAE and CrossMAE steps against ours "
                         "(and ours compiled, with --compile) at --input-size, interleaved; writes reference.md")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="with --reference: also time our step under bf16 autocast on CPU (the trainer's --cpu_bf16)")
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = BenchmarkConfig(**vars(p.parse_args(argv)))
     run_benchmark(cfg, shlex.join([".venv/bin/python", "tools/benchmark.py", *argv]))

@@ -120,13 +120,15 @@ class TrainStep:
         device: where to run.
         compile: wrap the model in `torch.compile`.
         fused: fused AdamW; None picks `fused_by_default(device)`.
+        cpu_bf16: bf16 autocast on CPU too (the trainer's `--cpu_bf16`).
     """
 
     def __init__(self, workload: Workload, device: torch.device, compile: bool = False,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, cpu_bf16: bool = False) -> None:
         torch.manual_seed(0)
         self.workload = workload
         self.device = device
+        self.cpu_bf16 = cpu_bf16
         self.model = workload.build().to(device).train()
         self.forward = torch.compile(self.model) if compile else self.model
         self.x = workload.inputs(device)
@@ -137,7 +139,7 @@ class TrainStep:
             self.optimizer = build_optimizer(self.model, DEFAULTS["blr"], DEFAULTS["weight_decay"], fused=fused)
 
     def __call__(self) -> None:
-        with autocast(self.device):
+        with autocast(self.device, self.cpu_bf16):
             loss = self.workload.loss(self.forward, self.x)
         loss.backward()
         if self.optimizer is not None:

@@ -70,9 +70,10 @@ class ReferenceWorkload(PretrainWorkload):
 
 
 def measure_reference(root: str | Path, size: str, ours: list[PretrainWorkload], device: torch.device, warmup: int,
-                      steps: int, compile: bool, fused: bool) -> list[dict[str, Any]]:
-    """Median step of each of `ours` (MAE rows and CrossMAE rows) and of the official model of the same settings,
-    interleaved; with `compile` also ours compiled. Rows: {"variant", "code", "step_s", "x_reference"}."""
+                      steps: int, compile: bool, fused: bool, cpu_bf16: bool = False) -> list[dict[str, Any]]:
+    """Median step of each of `ours` (MAE rows and CrossMAE rows) and of the official model of the same settings
+    (as released: fp32 on CPU), interleaved; with `compile` also ours compiled, with `cpu_bf16` also ours under bf16
+    autocast on CPU. Rows: {"variant", "code", "step_s", "x_reference"}."""
     if size not in _CONSTRUCTORS:
         raise ConfigError(f"--reference has no official model of size {size}; pick one of {', '.join(_CONSTRUCTORS)}")
     modules = {"mae": load_reference(root, "models_mae"), "crossmae": load_reference(root, "models_cross")}
@@ -84,6 +85,8 @@ def measure_reference(root: str | Path, size: str, ours: list[PretrainWorkload],
         runs[f"{w.label}|ours"] = TrainStep(w, device, False, fused)
         if compile:
             runs[f"{w.label}|ours compiled"] = TrainStep(w, device, True, fused)
+        if cpu_bf16 and device.type == "cpu":
+            runs[f"{w.label}|ours bf16"] = TrainStep(w, device, False, fused, cpu_bf16=True)
     times = time_round_robin(runs, warmup, steps, device)
     rows = []
     for key, values in times.items():

@@ -49,9 +49,10 @@ class SpikeGuard:
         return None
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """The precision policy of every training step: bf16 autocast on CUDA; fp32 on CPU, where bf16 is slower."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, cpu_bf16: bool = False) -> torch.autocast:
+    """The precision policy of every training step: bf16 autocast on CUDA; fp32 on CPU unless `cpu_bf16` (bf16
+    autocast there too: faster on CPUs with bf16 matrix instructions, docs/results/benchmark_cpu.md)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cpu_bf16)
 
 
 def optimizer_steps_per_epoch(n_iter: int, accum_iter: int, step_partial_accum: bool) -> int:
@@ -72,7 +73,8 @@ def gradient_sync(model: torch.nn.Module, boundary: bool) -> AbstractContextMana
 
 
 def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.amp.GradScaler, device: torch.device,
-                      accum: int, boundary: bool, dropped: bool, spike: SpikeGuard, where: str) -> float:
+                      accum: int, boundary: bool, dropped: bool, spike: SpikeGuard, where: str,
+                      cpu_bf16: bool = False) -> float:
     """One iteration's loss, and its gradient (divided by `accum`) unless its accumulation group is `dropped`.
 
     Raises:
@@ -81,7 +83,7 @@ def _forward_backward(model: torch.nn.Module, imgs: torch.Tensor, scaler: torch.
     sync = gradient_sync(model, boundary)
     # a dropped group's gradients would be discarded: its losses are computed without them
     with sync, torch.no_grad() if dropped else nullcontext():
-        with autocast(device):
+        with autocast(device, cpu_bf16):
             loss = model(imgs).loss
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -149,7 +151,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         imgs = imgs.to(device, non_blocking=True)
         boundary = (it + 1) % accum == 0 or it + 1 == last_step_end
         loss_value = _forward_backward(model, imgs, scaler, device, accum, boundary, it >= last_step_end, spike,
-                                       f"epoch {epoch}, iteration {it}")
+                                       f"epoch {epoch}, iteration {it}", cfg.get("cpu_bf16", False))
         if boundary:
             scaler.step(optimizer)
             scaler.update()

@@ -52,12 +52,11 @@ def _calls(path):
 def test_reference_builds_the_papers_settings_and_reports_official_over_ours(tmp_path):
     checkout = _checkout(tmp_path / "official")
     result = run(BenchmarkConfig(size="small", input_size=32, patch_size=8, batch_size=2, steps=2, warmup=0,
-                                 prediction_ratios=[0.25], no_memory=True, reference=str(checkout),
+                                 prediction_ratios=[0.25], no_memory=True, reference=str(checkout), cpu_bf16=True,
                                  output=str(tmp_path / "out")))
     rows = result["rows"]
-    assert [(r["variant"], r["code"]) for r in rows] == [("MAE d=8", "official"), ("MAE d=8", "ours"),
-                                                         ("CrossMAE p=0.25 d=12", "official"),
-                                                         ("CrossMAE p=0.25 d=12", "ours")]
+    assert [(r["variant"], r["code"]) for r in rows] == [(v, code) for v in ("MAE d=8", "CrossMAE p=0.25 d=12")
+                                                         for code in ("official", "ours", "ours bf16")]
     for r in rows:
         official = next(o for o in rows if o["variant"] == r["variant"] and o["code"] == "official")
         assert r["x_reference"] == pytest.approx(official["step_s"] / r["step_s"])

@@ -2,6 +2,7 @@
 partial last group, and the divergence guard's rule."""
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -10,6 +11,7 @@ import torch._inductor.config as inductor_config
 from pretrain.errors import ConfigError
 from pretrain.training.config import load_config
 from pretrain.training.engine import SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
+from pretrain.training import trainer
 from pretrain.training.trainer import run
 
 
@@ -101,3 +103,25 @@ def test_a_compiled_run_gives_the_losses_of_eager(tmp_path, tiny_cfg, monkeypatc
     compiled = run(tiny_cfg(tmp_path / "compiled", epochs=1, warmup_epochs=0, compile=True))
     torch._dynamo.reset()
     assert compiled["epochs"][0]["loss"] == pytest.approx(eager["epochs"][0]["loss"], rel=1e-4)
+
+
+def test_cpu_bf16_trains_under_bf16_autocast_near_fp32(tmp_path, tiny_cfg, monkeypatch):
+    """`--cpu_bf16`: the training forward runs under bf16 autocast on CPU (its matmuls give bf16), and the losses
+    stay near fp32's."""
+    seen = []
+    real = trainer.create_model
+
+    def recording(c):
+        model = real(c)
+        model.decoder_pred.register_forward_hook(lambda mod, inputs, out: seen.append(out.dtype) if mod.training
+                                                 else None)
+        return model
+
+    monkeypatch.setattr(trainer, "create_model", recording)
+    fp32 = run(tiny_cfg(tmp_path / "fp32", epochs=2))
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = run(tiny_cfg(tmp_path / "bf16", epochs=2, cpu_bf16=True))
+    assert set(seen) == {torch.bfloat16}
+    a, b = ([e["loss"] for e in r["epochs"]] for r in (fp32, bf16))
+    assert a != b and np.allclose(a, b, rtol=0.05)
