@@ -62,7 +62,7 @@ def test_an_epoch_under_the_bf16_policy_forced_on_cpu(tmp_path, monkeypatch, tin
     bf16, the loss and the saved fp32 weights stay finite. A CPU stand-in for the GPU's first run (issue 25)."""
     from pretrain.training import engine, trainer
 
-    monkeypatch.setattr(engine, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(engine, "autocast", lambda device, cpu_bf16=False: torch.autocast("cpu", dtype=torch.bfloat16))
     dtypes = set()
     real = trainer.create_model
 
@@ -95,12 +95,13 @@ def test_the_spike_guard_holds_from_the_second_loss_and_from_a_restored_window()
 
 
 @pytest.mark.slow  # compiling takes tens of seconds on CPU
-def test_a_compiled_run_gives_the_losses_of_eager(tmp_path, tiny_cfg, monkeypatch):
+def test_a_compiled_run_gives_the_losses_of_eager(tmp_path, tiny_cfg):
     """`--compile` changes how the step runs, not what it computes: with inductor drawing from torch's own random
     generator (its default draws other masks), the epoch's loss equals eager's."""
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
-    eager = run(tiny_cfg(tmp_path / "eager", epochs=1, warmup_epochs=0))
-    compiled = run(tiny_cfg(tmp_path / "compiled", epochs=1, warmup_epochs=0, compile=True))
+    # torch's own patch: monkeypatch's undo deletes the key from a config module, which hides it from later compiles
+    with inductor_config.patch(fallback_random=True):
+        eager = run(tiny_cfg(tmp_path / "eager", epochs=1, warmup_epochs=0))
+        compiled = run(tiny_cfg(tmp_path / "compiled", epochs=1, warmup_epochs=0, compile=True))
     torch._dynamo.reset()
     assert compiled["epochs"][0]["loss"] == pytest.approx(eager["epochs"][0]["loss"], rel=1e-4)
 
