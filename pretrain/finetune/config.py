@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..models import VIT_SIZES
-from ..training.config import check_values, load_recipe
+from ..training.config import add_sharding_args, check_values, load_recipe
 
 # MAE's `models_vit` names: vit_{size}_patch{patch} for each size of the one table
 MODELS: dict[str, str] = {f"vit_{size}_patch{spec['patch_size']}": size for size, spec in VIT_SIZES.items()}
@@ -131,13 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --output_dir")
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
-                   help="shard parameters, gradients and optimizer state over the processes (FSDP2, per block) instead "
-                        "of DDP; checkpoints become folders checkpoint-last.dcp/ and checkpoint-best.dcp/ that resume "
-                        "at any number of processes and --eval reads")
-    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute each transformer block's activations in the backward pass instead of keeping "
-                        "them: less memory, about one more forward of compute (with DDP or --fsdp)")
+    add_sharding_args(p, "checkpoint-last.dcp/ and checkpoint-best.dcp/ that resume at any number of processes and "
+                         "--eval reads")
     p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,
                    help="allow weights files that unpickle Python objects (e.g. MAE's releases storing args): only "
                         "for files you trust, since loading them runs their code")

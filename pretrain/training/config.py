@@ -138,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_sharding_args(p: argparse.ArgumentParser, folders: str) -> None:
+    """`--fsdp` and `--activation_checkpointing`, for pretraining and fine-tuning; `folders`: what the checkpoint
+    folders of an --fsdp run are and do."""
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
+                   help="shard parameters, gradients and optimizer state over the processes (FSDP2, per block) instead "
+                        f"of DDP; checkpoints become folders {folders}")
+    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each transformer block's activations in the backward pass instead of keeping "
+                        "them: less memory, about one more forward of compute (with DDP or --fsdp)")
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     """The flags of data, output folder, resume, schedule of records, divergence guard, compile, sharding and
     trust."""
@@ -177,13 +188,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu_bf16", action="store_true", default=None,
                    help="bf16 autocast on CPU as on CUDA (off by default: fp32 on CPU); about 1.7x faster steps on a "
                         "CPU with AVX-512 BF16 (docs/results/benchmark_cpu.md)")
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
-                   help="shard parameters, gradients and optimizer state over the processes (FSDP2, per block) instead "
-                        "of DDP; checkpoints become folders checkpoint-*.dcp/ that resume at any number of processes "
-                        "(one process: nothing to shard, same folders); not with --compile")
-    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute each transformer block's activations in the backward pass instead of keeping "
-                        "them: less memory, about one more forward of compute (with DDP or --fsdp)")
+    add_sharding_args(p, "checkpoint-*.dcp/ that resume at any number of processes (one process: nothing to shard, "
+                         "same folders); not with --compile")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier run in --output_dir instead of refusing (see --resume auto)")
     p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true", default=None,

@@ -1,4 +1,5 @@
 """Fixtures of the pretraining tests in more than one sub-folder."""
+import os
 import signal
 from pathlib import Path
 
@@ -43,3 +44,26 @@ def torchrun_worker():
                 continue
         raise AssertionError(f"no worker of rank {rank} under torchrun {agent}")
     return find
+
+
+@pytest.fixture
+def signal_in_forward(monkeypatch):
+    """`signal_in_forward(module, builder, k)`: the model that `module.builder` builds sends its own process SIGUSR1
+    during its k-th training forward (counted from 0), as a scheduler would at any moment; `monkeypatch.undo()`
+    ends it."""
+    def install(module, builder: str, k: int) -> None:
+        real, calls = getattr(module, builder), [0]
+
+        def building(*args, **kwargs):
+            model = real(*args, **kwargs)
+
+            def hook(mod, inputs):
+                if mod.training:
+                    if calls[0] == k:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    calls[0] += 1
+            model.register_forward_pre_hook(hook)
+            return model
+
+        monkeypatch.setattr(module, builder, building)
+    return install

@@ -5,7 +5,6 @@ import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -253,31 +252,14 @@ def test_two_process_gloo_pretraining_on_shards(tmp_path, tiny_cfg):
     assert "3 iterations/epoch" in proc.stderr and "6 of 18 samples an epoch are left out" in proc.stderr
 
 
-def _signal_in_forward(monkeypatch, k: int) -> None:
-    real, calls = trainer.create_model, [0]
-
-    def signalling(c):  # the process sends itself SIGUSR1 in training forward k (from 0), as a scheduler would
-        model = real(c)
-
-        def hook(mod, inputs):
-            if mod.training:
-                if calls[0] == k:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                calls[0] += 1
-        model.register_forward_pre_hook(hook)
-        return model
-
-    monkeypatch.setattr(trainer, "create_model", signalling)
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_preempted_run_on_shards_resumes_inside_the_epoch_with_the_losses_of_an_unbroken_run(
-        tmp_path, tiny_cfg, monkeypatch, workers):
+        tmp_path, tiny_cfg, monkeypatch, workers, signal_in_forward):
     shards = _builtin_shards(tmp_path)
     whole = tiny_cfg(tmp_path / "whole", data_path=str(shards), epochs=3, shuffle_buffer=8, num_workers=workers)
     run(whole)
     cfg = {**whole, "output_dir": str(tmp_path / "part")}
-    _signal_in_forward(monkeypatch, 5)  # epoch 1 (4 iterations each), iteration 1
+    signal_in_forward(trainer, "create_model", 5)  # epoch 1 (4 iterations each), iteration 1
     with pytest.raises(Preempted, match="in epoch 1 before iteration 2"):
         run(cfg)
     monkeypatch.undo()
@@ -287,9 +269,10 @@ def test_a_preempted_run_on_shards_resumes_inside_the_epoch_with_the_losses_of_a
     assert len(set(losses)) == 3  # the comparison is not between constants
 
 
-def test_shards_resumed_at_another_batch_size_start_the_stopped_epoch_again(tmp_path, tiny_cfg, monkeypatch, caplog):
+def test_shards_resumed_at_another_batch_size_start_the_stopped_epoch_again(tmp_path, tiny_cfg, monkeypatch, caplog,
+                                                                            signal_in_forward):
     cfg = tiny_cfg(tmp_path, data_path=str(_builtin_shards(tmp_path)), epochs=2, shuffle_buffer=8)
-    _signal_in_forward(monkeypatch, 5)
+    signal_in_forward(trainer, "create_model", 5)
     with pytest.raises(Preempted, match="in epoch 1 before iteration 2"):
         run(cfg)
     monkeypatch.undo()

@@ -228,37 +228,19 @@ def test_an_unreadable_image_is_replaced_by_the_next_with_its_label(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ preemption
 
-def _signal_at_forward(monkeypatch, k: int) -> None:
-    """The process sends itself SIGUSR1 during its k-th training forward (counted from 0), as a scheduler would."""
-    real, calls = trainer.build_classifier, [0]
-
-    def counting(*args, **kw):
-        model = real(*args, **kw)
-
-        def hook(mod, inputs):
-            if mod.training:
-                if calls[0] == k:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                calls[0] += 1
-        model.register_forward_pre_hook(hook)
-        return model
-
-    monkeypatch.setattr(trainer, "build_classifier", counting)
-
-
 def _same_weights(a: Path, b: Path) -> bool:
     wa, wb = (torch.load(p, weights_only=True)["model"] for p in (a, b))
     return list(wa) == list(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_sigusr1_mid_epoch_saves_the_position_and_resume_auto_repeats_an_uninterrupted_run(
-        tmp_path, colour_folder, monkeypatch, usr1_unhandled):
+        tmp_path, colour_folder, monkeypatch, usr1_unhandled, signal_in_forward):
     """Mixup / CutMix, RandAugment, random erasing and drop path all draw from the RNGs the position saves."""
     full = _cfg(tmp_path / "a", colour_folder, epochs=3, warmup_epochs=1)
     run(full)
     cfg = _cfg(tmp_path / "b", colour_folder, epochs=3, warmup_epochs=1)
     out = tmp_path / "b" / "run"
-    _signal_at_forward(monkeypatch, 8 + 3)  # 64 images / batch 8: epoch 1, iteration 3
+    signal_in_forward(trainer, "build_classifier", 8 + 3)  # 64 images / batch 8: epoch 1, iteration 3
     with pytest.raises(Preempted, match=r"^preempted \(SIGUSR1\) in epoch 1 before iteration 4: saved .*"
                                         r"checkpoint-last.pth; continue with --resume auto$") as stopped:
         run(cfg)
@@ -283,9 +265,10 @@ def test_sigusr1_mid_epoch_saves_the_position_and_resume_auto_repeats_an_uninter
     assert [(c["acc1"], c["best_acc1"]) for c in best] == [(top, top)] * 2
 
 
-def test_a_signal_in_the_first_epoch_resumes_inside_it(tmp_path, colour_folder, monkeypatch, usr1_unhandled):
+def test_a_signal_in_the_first_epoch_resumes_inside_it(tmp_path, colour_folder, monkeypatch, usr1_unhandled,
+                                                        signal_in_forward):
     cfg = _cfg(tmp_path, colour_folder, epochs=1)
-    _signal_at_forward(monkeypatch, 1)
+    signal_in_forward(trainer, "build_classifier", 1)
     with pytest.raises(Preempted, match=r"in epoch 0 before iteration 2"):
         run(cfg)
     assert torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)["best_acc1"] == 0.0

@@ -26,31 +26,13 @@ def _recipe(tmp_path: Path, cfg: dict) -> str:
     return str(recipe)
 
 
-def _signal_at_forward(monkeypatch, k: int) -> None:
-    """The process sends itself SIGUSR1 during its k-th training forward (counted from 0), as a scheduler would."""
-    real, calls = trainer.create_model, [0]
-
-    def counting(c):
-        model = real(c)
-
-        def hook(mod, inputs):
-            if mod.training:
-                if calls[0] == k:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                calls[0] += 1
-        model.register_forward_pre_hook(hook)
-        return model
-
-    monkeypatch.setattr(trainer, "create_model", counting)
-
-
 def test_sigusr1_mid_epoch_saves_the_position_and_resume_auto_gives_the_same_losses_and_weights(
-        tmp_path, monkeypatch, tiny_cfg, usr1_unhandled, one_error_line):
+        tmp_path, monkeypatch, tiny_cfg, usr1_unhandled, one_error_line, signal_in_forward):
     full = tiny_cfg(tmp_path / "a", epochs=3)
     run(full)
     cfg = tiny_cfg(tmp_path / "b", epochs=3)
     out = Path(cfg["output_dir"])
-    _signal_at_forward(monkeypatch, 5)  # epoch 1 (of 4 iterations), iteration 1
+    signal_in_forward(trainer, "create_model", 5)  # epoch 1 (of 4 iterations), iteration 1
     assert pretrain_cli.pretrain(["--config", _recipe(tmp_path, cfg), "--output_dir", str(out)]) == 75
     one_error_line("preempted (SIGUSR1) in epoch 1 before iteration 2", str(out / "checkpoint-last.pth"),
                    "--resume auto")
