@@ -29,12 +29,12 @@ from ..errors import CheckpointError, DataError
 from ..evaluation.probe import chance_levels, chance_text
 from ..files import read_checkpoint, write_text_atomic
 from ..sharded import SUFFIX
-from ..training.checkpoint import LAST, load_checkpoint, resolve_resume
+from ..training.checkpoint import LAST, load_checkpoint
 from ..training.engine import NonFiniteLossError
 from ..training.layer_decay import param_groups_lrd
 from ..training.preempt import (PREEMPT_SIGNALS, EpochPosition, Preempted, ResumableSampler, StopFlag, StopRequested,
                                 position_for, preemption, save_position)
-from ..training.run_folder import (kept_checkpoint, preempted_error, prepare_output_dir, save_checkpoint, say_resume,
+from ..training.run_folder import (kept_checkpoint, open_run_folder, preempted_error, save_checkpoint, say_resume,
                                    stopped_error, trim_log)
 from ..training.sharding import is_sharded_model, prepare_model, resume_sharded, save_run_state
 from ..training.trainer import TrainingDiverged, run_session, seed_epoch
@@ -194,9 +194,7 @@ def _train_loader(train_set, cfg: dict[str, Any], device: torch.device, rank: in
 def _train(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: Path,
            stop: StopFlag) -> dict[str, Any]:
     main = rank == 0
-    resume = resolve_resume(cfg["resume"], out)
-    if main:
-        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"], [cfg["finetune"]])
+    resume = open_run_folder(cfg, out, main, [cfg["finetune"]])
     train_set, val_set = build_splits(cfg)
     num_classes = _num_classes(cfg, train_set.classes)
     model, optimizer, peak_lr = _build(cfg, num_classes, resume, device, world)

@@ -29,6 +29,15 @@ class Interrupted(UserError):
 _RUN_FILES = (LAST, "checkpoint-best.pth", "config.yaml", "log.txt")  # checkpoint-best.pth: fine-tuning's
 
 
+def open_run_folder(cfg: dict[str, Any], out: Path, main: bool, inputs: Iterable[str | None]) -> Path | None:
+    """The checkpoint the run resumes from (`resolve_resume` of `--resume`; None for a new run), once the main
+    process has made `out` ready for it (`prepare_output_dir`; `inputs`: the files the run reads)."""
+    resume = resolve_resume(cfg["resume"], out)
+    if main:
+        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"], inputs)
+    return resume
+
+
 def earlier_run(out: Path) -> list[str]:
     """What in `out` shows an earlier run: its log, configuration, and any checkpoint or snapshot."""
     found = [f for f in _RUN_FILES if (out / f).exists()]

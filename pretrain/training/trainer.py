@@ -29,12 +29,12 @@ from ..models import create_model
 from ..runlock import run_lock
 from ..weights.fit import load_model_weights
 from ..weights.loading import load_encoder_into
-from .checkpoint import LAST, load_checkpoint, make_checkpoint, resolve_resume
+from .checkpoint import LAST, load_checkpoint, make_checkpoint
 from .config import resolve_lr
 from .engine import NonFiniteLossError, SpikeGuard, optimizer_steps_per_epoch, train_one_epoch
 from .optim import build_optimizer, fused_by_default
-from .run_folder import (kept_checkpoint, preempted_error, prepare_output_dir, save_checkpoint, say_resume,
-                         stopped_error, trim_log)
+from .run_folder import (kept_checkpoint, open_run_folder, preempted_error, save_checkpoint, say_resume, stopped_error,
+                         trim_log)
 from .preempt import (PREEMPT_SIGNALS, EpochPosition, Preempted, ResumableSampler, StopFlag, StopRequested,
                       position_for, preemption, save_position)
 from .sharding import gathered, is_sharded_model, prepare_model, record_sharded, resume_sharded
@@ -294,9 +294,7 @@ def _run(cfg: dict[str, Any], device: torch.device, rank: int, world: int, out: 
          stop: StopFlag) -> dict[str, Any]:
     """The run in one process: set-up, resume, then epoch after epoch; one linear sequence, read whole."""
     main = rank == 0
-    resume = resolve_resume(cfg["resume"], out)
-    if main:
-        prepare_output_dir(out, resume is not None or cfg["resume"] == "auto", cfg["overwrite"], [cfg["init_from"]])
+    resume = open_run_folder(cfg, out, main, [cfg["init_from"]])
     dataset = _open_data(cfg)
     loader, steps_per_epoch = _loader(cfg, dataset, device, rank, world)
     model, optimizer, scaler, peak_lr, resolved = _build(cfg, device, world)
